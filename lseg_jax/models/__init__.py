@@ -1,0 +1,41 @@
+"""LSeg networks in Flax linen, built from a model ConfigDict."""
+
+import jax.numpy as jnp
+import ml_collections
+
+from lseg_jax.models.clip_text import CLIPTextEncoder
+from lseg_jax.models.dpt import READOUTS, Fusion, Reassemble
+from lseg_jax.models.lseg import ACTIVATIONS, ARCH_OPTIONS, LSeg, LSegHead
+from lseg_jax.models.presets import BACKBONES, get_model_config
+from lseg_jax.models.resnet import ResNet
+from lseg_jax.models.vit import REMAT_POLICIES, ViT
+
+__all__ = ["BACKBONES", "LSeg", "build_model", "get_model_config"]
+
+
+def _check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
+  if config[key] not in choices:
+    raise ValueError(f"model.{key}={config[key]!r} is not one of {sorted(choices)}")
+
+
+def build_model(config: ml_collections.ConfigDict) -> LSeg:
+  """An `LSeg` module from a model config (see `presets.get_model_config`)."""
+  _check_choice(config, "kind", ("vit", "resnet"))
+  _check_choice(config, "readout", READOUTS)
+  _check_choice(config, "arch_option", ARCH_OPTIONS)
+  _check_choice(config, "activation", ACTIVATIONS)
+  _check_choice(config, "remat_policy", REMAT_POLICIES)
+  kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+  if config.kind == "vit":
+    backbone = ViT(**config.vit, remat_policy=config.remat_policy, **kw)
+    reassemble = Reassemble(config.readout, tuple(config.channels), config.vit.patch_size, **kw)
+  else:
+    backbone, reassemble = ResNet(**config.resnet, **kw), None
+  return LSeg(
+      backbone=backbone,
+      reassemble=reassemble,
+      fusion=Fusion(config.features, config.use_bn, **kw),
+      head=LSegHead(config.text.embed_dim, config.logit_scale, config.arch_option, config.block_depth,
+                    config.activation, **kw),
+      text_encoder=CLIPTextEncoder(**config.text, **kw),
+  )
