@@ -1,5 +1,7 @@
 """LSeg networks in Flax linen, built from a model ConfigDict."""
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -10,7 +12,7 @@ from lseg_jax.models.presets import BACKBONES, get_model_config
 from lseg_jax.models.resnet import ResNet
 from lseg_jax.models.vit import REMAT_POLICIES, ViT
 
-__all__ = ["BACKBONES", "LSeg", "build_model", "get_model_config"]
+__all__ = ["BACKBONES", "LSeg", "abstract_variables", "build_model", "get_model_config", "init_inputs"]
 
 
 def _check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
@@ -39,3 +41,18 @@ def build_model(config: ml_collections.ConfigDict) -> LSeg:
                     config.activation, **kw),
       text_encoder=CLIPTextEncoder(**config.text, **kw),
   )
+
+
+def init_inputs(config: ml_collections.ConfigDict, batch: int = 1, size: int = 32):
+  """Smallest valid (images, token_ids) to initialise or trace a model; the
+  parameter shapes do not depend on the image size."""
+  images = jnp.zeros((batch, size, size, 3), jnp.float32)
+  token_ids = jnp.zeros((1, config.text.context_length), jnp.int32)
+  return images, token_ids
+
+
+def abstract_variables(config: ml_collections.ConfigDict) -> dict:
+  """{'params', 'batch_stats'} as ShapeDtypeStructs, without allocating them."""
+  model = build_model(config)
+  init = lambda rng: model.init(rng, *init_inputs(config), method=LSeg.segment)
+  return nn.unbox(jax.eval_shape(init, jax.random.key(0)))
