@@ -1,0 +1,45 @@
+"""Label sets -> text embeddings, computed once per label set.
+
+The text tower is frozen, so a label set's embeddings never change during
+training or evaluation: they are computed once (jitted) and kept, instead of
+re-running CLIP every step as the official code does. Prompt templates
+("a photo of a {}.") are averaged as CLIP's prompt ensembling does: normalise
+each template's embedding, average, renormalise. The default template "{}"
+feeds the raw label, as LSeg does.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lseg_jax import tokenizer
+from lseg_jax.models import LSeg
+
+
+def parse_labels(text: str) -> list[str]:
+  """'dog, grass,other' -> ['dog', 'grass', 'other'] (as the official demo app)."""
+  labels = [l.strip() for l in text.split(",")]
+  if not any(labels):
+    raise ValueError(f"empty label list {text!r}: give comma-separated labels, e.g. 'dog,grass,other'")
+  if not all(labels):
+    raise ValueError(f"label list {text!r} has an empty label")
+  return labels
+
+
+def encode_labels(model: LSeg, text_params, labels: Sequence[str], templates: Sequence[str] = ("{}",)
+                  ) -> jax.Array:
+  """[len(labels), D] text embeddings of `labels` (normalised when ensembling)."""
+  if len(labels) == 0:
+    raise ValueError("the label list is empty: give at least one label")
+  if not templates or any("{}" not in t for t in templates):
+    raise ValueError(f"prompt templates must each contain '{{}}': {list(templates)}")
+  ids = np.stack([tokenizer.tokenize([t.format(l) for l in labels]) for t in templates])  # [T, N, 77]
+  encode = jax.jit(lambda p, i: model.apply({"params": {"text_encoder": p}}, i, method=LSeg.encode_text))
+  features = encode(text_params, ids)  # [T, N, D]
+  if len(templates) == 1:
+    return features[0]
+  features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
+  mean = features.mean(0)
+  return mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)

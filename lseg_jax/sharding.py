@@ -1,0 +1,74 @@
+"""The mesh and the one table that maps logical axis names to mesh axes.
+
+Models name parameter axes only logically (`embed`, `mlp`, `qkv`, `conv_in`,
+`conv_out`, `vocab`; see `models/layers.py`). The config's `sharding_rules`
+turns those names into mesh axes, for example FSDP + tensor parallelism:
+
+  (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("conv_in", "fsdp"),
+   ("mlp", "tensor"), ("qkv", "tensor"), ("conv_out", "tensor"))
+
+A dimension that the mesh axes do not divide (the 3 input channels of the
+patch embedding, say) stays replicated, so any model runs on any mesh.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh from (name, size) pairs; one size may be -1 (all remaining devices).
+
+  Axis types are Auto (GSPMD): jax.make_mesh now defaults to Explicit, with
+  which plain sharded matmuls fail.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names = tuple(name for name, _ in axes)
+  sizes = [size for _, size in axes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {list(axes)}: at most one axis may have size -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {list(axes)} does not divide the {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"{len(devices)} are available")
+  grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops the mesh axes of any dimension they do not divide."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axes if size > 1 and dim % size == 0 else None)
+  return P(*out)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
+  """NamedShardings for a tree whose leaves may carry logical axis names
+  (the output of `jax.eval_shape(model.init, ...)`); unnamed leaves replicate."""
+  specs = nn.get_partition_spec(boxed_tree)
+  specs = nn.logical_to_mesh(specs, rules)
+  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_tree))
+  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit(spec, shape, mesh)),
+                      specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 4) -> NamedSharding:
+  """Batch arrays: the leading axis over the mesh axes that `batch` maps to."""
+  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
