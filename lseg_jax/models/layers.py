@@ -21,20 +21,26 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def interpolation_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
-  """[n_out, n_in] weights of 1-D linear interpolation, PyTorch conventions."""
+def interpolation_taps(n_in: int, n_out: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """1-D linear interpolation, PyTorch conventions: output i = (1 - frac[i]) *
+  input[lo[i]] + frac[i] * input[hi[i]]."""
   dst = np.arange(n_out, dtype=np.float64)
   if align_corners:
     src = dst * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros_like(dst)
   else:
     # F.interpolate(size=...) uses scale = in/out and clamps negative sources.
     src = np.maximum((dst + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  frac = src - i0
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  return lo, hi, src - lo
+
+
+def interpolation_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+  """[n_out, n_in] weights of 1-D linear interpolation (`interpolation_taps`)."""
+  lo, hi, frac = interpolation_taps(n_in, n_out, align_corners)
   m = np.zeros((n_out, n_in), np.float64)
-  np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
-  np.add.at(m, (np.arange(n_out), i1), frac)
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
   return m.astype(np.float32)
 
 
@@ -45,6 +51,18 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool) -> j
   mw = jnp.asarray(interpolation_matrix(w, size[1], align_corners), x.dtype)
   x = jnp.einsum("oh,bhwc->bowc", mh, x)  # [B, H', W, C]
   return jnp.einsum("pw,bowc->bopc", mw, x)  # [B, H', W', C]
+
+
+def resize_bilinear_np(x: np.ndarray, size: Sequence[int], align_corners: bool) -> np.ndarray:
+  """`resize_bilinear` on the host for [..., H, W, C] numpy arrays of any size
+  (evaluation's per-image resizes): two taps per output, O(output) work."""
+  for axis, n_out in ((-3, size[0]), (-2, size[1])):
+    lo, hi, frac = interpolation_taps(x.shape[axis], n_out, align_corners)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    frac = frac.astype(np.float32).reshape(shape)
+    x = np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
+  return x
 
 
 def upsample2x(x: jax.Array) -> jax.Array:
