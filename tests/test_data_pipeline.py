@@ -375,8 +375,8 @@ def test_variable_label_sets_share_a_batch(fake_dataset):
                                global_batch_size=3, seed=0, train=False, shard_index=0, shard_count=1)))
 
 
-def test_minus_one_mask_ade_convention():
-  np.testing.assert_array_equal(data.minus_one_mask(np.array([0, 1, 150], np.uint8)), [-1, 0, 149])
+def test_ade20k_mask_convention():
+  np.testing.assert_array_equal(data.ade20k.ade20k_mask_map(np.array([0, 1, 150], np.uint8)), [-1, 0, 149])
 
 
 def test_make_global_batch():

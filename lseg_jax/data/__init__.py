@@ -24,7 +24,6 @@ from lseg_jax.data.registry import DatasetSpec
 from lseg_jax.data.registry import get
 from lseg_jax.data.registry import identity_mask
 from lseg_jax.data.registry import IGNORE_INDEX
-from lseg_jax.data.registry import minus_one_mask
 from lseg_jax.data.registry import register
 from lseg_jax.data.registry import registered
 from lseg_jax.data.registry import tfds_source

@@ -37,11 +37,6 @@ def identity_mask(mask: np.ndarray) -> np.ndarray:
   return mask.astype(np.int32)
 
 
-def minus_one_mask(mask: np.ndarray) -> np.ndarray:
-  """ADE20K convention: raw 0 ("other") -> -1 (ignore), k -> k - 1."""
-  return mask.astype(np.int32) - 1
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """One registered dataset (see the module docstring for the fields)."""
