@@ -23,6 +23,7 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh from (name, size) pairs; one size may be -1 (all remaining devices).
+  Without -1 the mesh may use fewer than all devices (the first ones).
 
   Axis types are Auto (GSPMD): jax.make_mesh now defaults to Explicit, with
   which plain sharded matmuls fail.
@@ -37,10 +38,10 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
     if len(devices) % known:
       raise ValueError(f"mesh {list(axes)} does not divide the {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+  if int(np.prod(sizes)) > len(devices):
     raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"{len(devices)} are available")
-  grid = np.asarray(devices).reshape(sizes)
+  grid = np.asarray(devices[:int(np.prod(sizes))]).reshape(sizes)
   return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
@@ -64,10 +65,10 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
                       specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 4) -> NamedSharding:
-  """Batch arrays: the leading axis over the mesh axes that `batch` maps to."""
-  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
-  return NamedSharding(mesh, spec)
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Batch arrays of any rank: the leading axis over the mesh axes that
+  `batch` maps to, the others replicated."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

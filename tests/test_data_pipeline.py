@@ -254,18 +254,31 @@ def test_shards_are_disjoint_and_shuffled(fake_dataset):
     loader = data.make_loader(cfg, "train", global_batch_size=4, seed=0, train=True,
                               shard_index=shard, shard_count=2, num_epochs=1)
     ids = _ids(list(iter(loader)))
-    assert len(ids) == 10 and len(set(ids)) == 10  # 21 // 2 per shard, each seen once
+    assert len(ids) == 10 and len(set(ids)) == 10  # 5 global batches of 4, 2 rows each
     seen.append(set(ids))
     assert ids != sorted(ids)  # shuffled
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] <= set(range(1, 22))
-  # 2 epochs: the second is a different order of the same shard
+  # 2 epochs: the second is another order of the same 20 examples
   loader = data.make_loader(cfg, "train", global_batch_size=2, seed=0, train=True,
-                            shard_index=0, shard_count=2, num_epochs=2)
+                            shard_index=0, shard_count=1, num_epochs=2)
   ids = _ids(list(iter(loader)))
-  assert sorted(ids[:10]) == sorted(ids[10:]) and ids[:10] != ids[10:]
+  assert sorted(ids[:20]) == sorted(ids[20:]) and ids[:20] != ids[20:]
   with pytest.raises(ValueError, match="divisible"):
     data.make_loader(cfg, "train", global_batch_size=3, seed=0, train=True, shard_index=0, shard_count=2)
+
+
+def test_global_batches_do_not_depend_on_the_process_count(fake_dataset):
+  """What training relies on for 2 processes x 4 devices == 1 process x 8."""
+  name = fake_dataset("index_ds2", _index_records(24), labels=("x",))
+  cfg = dict(dataset=name, crop_size=32, base_size=64)
+  kw = dict(global_batch_size=4, seed=3, train=True, num_epochs=2)
+  whole = list(iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **kw)))
+  parts = [list(iter(data.make_loader(cfg, "train", shard_index=i, shard_count=2, **kw))) for i in (0, 1)]
+  assert len(whole) == len(parts[0]) == len(parts[1]) == 12
+  for w, p0, p1 in zip(whole, *parts):
+    for key in w:  # augmentation included: images are compared exactly
+      np.testing.assert_array_equal(w[key], np.concatenate([p0[key], p1[key]]))
 
 
 def test_eval_shards_cover_every_example_once(fake_dataset):

@@ -144,6 +144,25 @@ def mask_to_positions(mask: np.ndarray, label_ids: np.ndarray, num_labels: int,
   return positions
 
 
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch of `parent`: positions
+  [b * G + i * L, b * G + (i + 1) * L) for batch b, process i, global batch G
+  and local batch L."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, local_batch: int, shard_index: int):
+    super().__init__(parent)
+    self._global, self._local, self._offset = global_batch, local_batch, shard_index * local_batch
+
+  def __len__(self) -> int:
+    return len(self._parents[0]) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local)
+    return self._parents[0][batch * self._global + self._offset + row]
+
+
 @dataclasses.dataclass(frozen=True)
 class ToExample(grain.transforms.Map):
   """Raw record -> {"image" uint8 [H, W, 3], "mask" int32 [H, W] positions,
@@ -272,12 +291,19 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
 
   source = spec.source(cfg, split)
   n = len(source)
+  num_labels = len(spec.label_names())
+  to_example = ToExample(spec, num_labels, int(cfg.max_labels or num_labels))
   if train:
-    per_shard = n // shard_count  # even split, the remainder dropped
-    if per_shard < local_batch:
-      raise ValueError(f"{cfg.dataset}/{split}: {n} examples cannot fill batches of "
-                       f"{local_batch} on each of {shard_count} shards.")
-    ds = grain.MapDataset.source(source)[shard_index * per_shard:(shard_index + 1) * per_shard]
+    if n < global_batch_size:
+      raise ValueError(f"{cfg.dataset}/{split}: {n} examples cannot fill a batch of {global_batch_size}.")
+    # One global order (shuffle, epochs, augmentation keyed by global
+    # position), identical on every process; each process then reads only
+    # its rows of every global batch. The global batches, and so training,
+    # are the same for any number of processes.
+    ds = grain.MapDataset.source(source)[:n // global_batch_size * global_batch_size]
+    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(to_example)
+    ds = ds.random_map(transforms.TrainTransform(cfg.base_size, cfg.crop_size, cfg.normalization), seed=seed)
+    ds = _ProcessRows(ds, global_batch_size, local_batch, shard_index)
   else:
     if n == 0:
       raise ValueError(f"{cfg.dataset}/{split} is empty.")
@@ -286,19 +312,7 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
     ds = grain.MapDataset.source(_PaddedShard(
         source, start=start, valid=max(min(per_shard, n - start), 0),
         length=-(-per_shard // local_batch) * local_batch))
-  shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence([seed, shard_index]).generate_state(2))
-  if train:
-    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
-  elif num_epochs not in (None, 1):
-    ds = ds.repeat(num_epochs)
-
-  num_labels = len(spec.label_names())
-  max_labels = cfg.max_labels or num_labels
-  ds = ds.map(ToExample(spec, num_labels, int(max_labels)))
-  if train:
-    ds = ds.random_map(transforms.TrainTransform(cfg.base_size, cfg.crop_size, cfg.normalization),
-                       seed=augment_seed)
-  else:
+    ds = ds.repeat(num_epochs or 1).map(to_example)
     ds = ds.map(transforms.EvalTransform(cfg.eval_mode, cfg.crop_size, cfg.normalization))
   mean, std = transforms.normalization_stats(cfg.normalization)
   ds = ds.batch(local_batch, drop_remainder=True,  # evaluation shards are whole batches
