@@ -108,6 +108,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   variables = pretrained.load_initial_weights(config, variables, var_shardings)
   text_params = variables["params"].pop("text_encoder")  # frozen: not trained, not in the state
   var_shardings["params"].pop("text_encoder")
+  checkpoint.save_text_encoder(workdir, text_params)  # once, for eval.py and predict
   text_table = labels_lib.encode_labels(model, text_params, label_names, config.get("prompt_templates", ("{}",)))
   text_table = jax.device_put(text_table, sharding.replicated(mesh))  # [L, D]
 

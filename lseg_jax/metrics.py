@@ -33,3 +33,25 @@ def segmentation_scores(confusion: np.ndarray) -> dict:
   iou = inter / (EPS + union)
   pix_acc = inter.sum() / (EPS + confusion.sum())
   return {"pixAcc": float(pix_acc), "mIoU": float(iou.mean()), "IoU": iou.tolist()}
+
+
+def fewshot_areas(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Background/foreground intersection and union [2] of one episode:
+  pred and target in {0 (others), 1 (class)}, target -1 ignored (HSNet's
+  `Evaluator.classify_prediction`)."""
+  valid = target >= 0
+  inter = np.array([np.sum((pred == c) & (target == c) & valid) for c in (0, 1)], np.float64)
+  union = np.array([np.sum(((pred == c) | (target == c)) & valid) for c in (0, 1)], np.float64)
+  return inter, union
+
+
+def fewshot_scores(inter: np.ndarray, union: np.ndarray, class_ids) -> dict:
+  """HSNet's AverageMeter: inter/union [num_classes, 2] summed per class over
+  episodes. mIoU = mean over the fold's classes of the foreground IoU;
+  FB-IoU = mean of background and foreground IoU of the sums over those
+  classes; both in percent."""
+  inter, union = np.asarray(inter)[list(class_ids)], np.asarray(union)[list(class_ids)]
+  fg_iou = inter[:, 1] / np.maximum(union[:, 1], 1)
+  fb_iou = inter.sum(0) / np.maximum(union.sum(0), 1)
+  return {"mIoU": float(100 * fg_iou.mean()), "FB-IoU": float(100 * fb_iou.mean()),
+          "IoU": (100 * fg_iou).tolist()}

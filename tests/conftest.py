@@ -1,11 +1,24 @@
-"""Test-wide JAX settings: 8 virtual CPU devices for the sharding tests.
+"""Test-wide settings and fixtures.
 
-Set before any test touches a JAX backend (the option only acts then).
+JAX gets 8 virtual CPU devices for the sharding tests, set before any test
+touches a backend (the option only acts then).
 """
 
 import jax
+import pytest
 
 try:
   jax.config.update("jax_num_cpu_devices", 8)
 except (AttributeError, RuntimeError):  # an older jax, or a backend already initialised
   pass
+
+
+@pytest.fixture(scope="session")
+def shapes_config(tmp_path_factory) -> dict:
+  """Input config of the "tiny" lseg_shapes build (64 train / 16 validation
+  images), prepared once per session in a temp dir."""
+  from lseg_jax import data
+  cfg = dict(dataset="lseg_shapes", builder_config="tiny", crop_size=64, base_size=80,
+             data_dir=str(tmp_path_factory.mktemp("tfds_shapes")), num_threads=2)
+  assert data.num_examples(cfg, "train") == 64
+  return cfg

@@ -16,15 +16,6 @@ from lseg_jax.data import shapes
 from lseg_jax.data import transforms
 
 
-@pytest.fixture(scope="session")
-def shapes_config(tmp_path_factory) -> dict:
-  """Input config for the "tiny" lseg_shapes, built once per session."""
-  cfg = dict(dataset="lseg_shapes", builder_config="tiny", crop_size=64, base_size=80,
-             data_dir=str(tmp_path_factory.mktemp("tfds_pipeline")), num_threads=2)
-  assert data.dataset_size(cfg, "train") == 64
-  return cfg
-
-
 @pytest.fixture
 def fake_dataset():
   """Registers throw-away in-memory datasets, removed after the test."""

@@ -52,6 +52,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.crop_size = 480
   c.base_size = 520  # training long side in [0.5, 2.0] * base_size
   c.normalization = "clip"  # "clip" (0.5/0.5, ViT models) | "imagenet" (ResNet)
+  c.train_mode = "scale_crop"  # "scale_crop" (official ADE20K augmentation) | "resize" (zero-shot)
   c.eval_mode = "val"  # "val" (short side -> crop, centre crop) | "resize" | "none"
   c.max_labels = None  # labels per example after padding; None = size of the label table
   c.worker_count = 0  # grain worker processes (0 = in this process)
@@ -302,7 +303,8 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
     # are the same for any number of processes.
     ds = grain.MapDataset.source(source)[:n // global_batch_size * global_batch_size]
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(to_example)
-    ds = ds.random_map(transforms.TrainTransform(cfg.base_size, cfg.crop_size, cfg.normalization), seed=seed)
+    ds = ds.random_map(transforms.TrainTransform(cfg.base_size, cfg.crop_size, cfg.normalization,
+                                                          cfg.train_mode), seed=seed)
     ds = _ProcessRows(ds, global_batch_size, local_batch, shard_index)
   else:
     if n == 0:

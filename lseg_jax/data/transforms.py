@@ -29,6 +29,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from lseg_jax.data import fewshot
+
 IGNORE_INDEX = -1
 
 # (mean, std) per channel, on images scaled to [0, 1].
@@ -37,6 +39,9 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # zero-shot ResNet-101
 }
 EVAL_MODES = ("val", "none", "resize")
+# "scale_crop": the official ADE20K augmentation (`sync_train`); "resize": the
+# zero-shot loaders' plain square resize, no augmentation (`fewshot_resize`).
+TRAIN_MODES = ("scale_crop", "resize")
 
 
 def normalization_stats(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -135,15 +140,23 @@ def sync_val(image: np.ndarray, mask: np.ndarray, *, crop_size: int) -> tuple[np
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
-  """`sync_train` then normalisation, on an example dict's "image" and "mask";
-  other keys pass through."""
+  """`sync_train` (or, in mode "resize", `fewshot_resize`) then normalisation,
+  on an example dict's "image" and "mask"; other keys pass through."""
   base_size: int = 520
   crop_size: int = 480
   normalization: str = "clip"
+  mode: str = "scale_crop"
+
+  def __post_init__(self):
+    if self.mode not in TRAIN_MODES:
+      raise ValueError(f"Unknown train mode {self.mode!r}; known: {TRAIN_MODES}.")
 
   def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image, mask = sync_train(element["image"], element["mask"], rng,
-                             base_size=self.base_size, crop_size=self.crop_size)
+    if self.mode == "resize":
+      image, mask = fewshot.fewshot_resize(element["image"], element["mask"], self.crop_size)
+    else:
+      image, mask = sync_train(element["image"], element["mask"], rng,
+                               base_size=self.base_size, crop_size=self.crop_size)
     mean, std = normalization_stats(self.normalization)
     return {**element, "image": normalize(image, mean, std), "mask": mask.astype(np.int32)}
 
@@ -151,7 +164,8 @@ class TrainTransform(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
   """Deterministic evaluation transform: mode "val" (official
-  `_val_sync_transform`), "resize" (square crop_size resize) or "none"
+  `_val_sync_transform`), "resize" (square crop_size resize as the zero-shot
+  evaluation, `fewshot_resize`) or "none"
   (full image); then normalisation."""
   mode: str = "val"
   crop_size: int = 480
@@ -166,6 +180,6 @@ class EvalTransform(grain.transforms.Map):
     if self.mode == "val":
       image, mask = sync_val(image, mask, crop_size=self.crop_size)
     elif self.mode == "resize":
-      image, mask = _resize(image, mask, self.crop_size, self.crop_size)
+      image, mask = fewshot.fewshot_resize(image, mask, self.crop_size)
     mean, std = normalization_stats(self.normalization)
     return {**element, "image": normalize(image, mean, std), "mask": np.asarray(mask, np.int32)}
