@@ -116,41 +116,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   tx, sched = optim.make_optimizer(config, variables["params"], steps_per_epoch)
   state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
            "step": jnp.zeros((), jnp.int32)}
-  state["opt"] = jax.jit(tx.init)(state["params"])
+  # Optimizer state: jit lays moments out like their parameters but leaves
+  # scalar counts on one device; those are replicated over the mesh.
+  state["opt"] = jax.tree.map(lambda x: x if x.sharding.device_set == set(mesh.devices.flat)
+                              else jax.device_put(x, sharding.replicated(mesh)), jax.jit(tx.init)(state["params"]))
   state["step"] = jax.device_put(state["step"], sharding.replicated(mesh))
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   # ------------------------------------------------------------ update step
-  accum = config.get("grad_accum_steps", 1)
-
-  def train_step(state, batch, text_table):
-    def loss_fn(params, batch_stats, mb):
-      text = text_table[mb["label_ids"]]  # [b, N, D]
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, mb["image"], text,
-                                    mb["label_mask"], train=True, mutable=["batch_stats"])
-      loss, stats = losses.pixel_cross_entropy(logits, mb["mask"], mb["label_mask"])
-      return loss, (updates.get("batch_stats", batch_stats), stats)
-
-    # Gradient accumulation as the official run: micro-batches in sequence,
-    # BatchNorm statistics updated by each. A Python loop, not lax.scan: XLA:CPU
-    # runs a scanned body ~6x slower, and `accum` is small.
-    grads, batch_stats, sums = None, state["batch_stats"], None
-    # Row i::accum of the batch, as a reshape that keeps the batch axis sharded.
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
-    for mb in (jax.tree.map(lambda x: x[:, i], micro) for i in range(accum)):
-      (_, (batch_stats, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch_stats, mb)
-      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-      sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    new_state = {"params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
-                 "opt": opt, "step": state["step"] + 1}
-    valid = jnp.maximum(sums["valid"], 1)
-    measurements = {"loss": sums["loss_sum"] / valid, "pixel_acc": sums["correct"] / valid,
-                    "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(state["params"]),
-                    "lr": sched(state["step"])}
-    return new_state, measurements
-
+  train_step = make_train_step(model, tx, sched, config.get("grad_accum_steps", 1))
   train_step = jax.jit(train_step, donate_argnums=(0,),
                        in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
@@ -195,7 +169,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         step_time = (now - last_t) / (step - last_step)
         m |= {"step_time": step_time, "images_per_s": config.input.batch_size / step_time}
         if flops and (peak := peak_flops(jax.devices()[0])):
-          m["mfu"] = flops / step_time / (peak * jax.device_count() / jax.local_device_count())
+          m["mfu"] = flops / step_time / peak  # XLA's cost analysis is per device
         eta = (config.total_steps - step) * step_time
       else:
         eta = float("nan")
@@ -226,6 +200,41 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   return scores
 
 
+def make_train_step(model, tx: optax.GradientTransformation, sched: optax.Schedule, accum: int = 1):
+  """(state, batch, text_table) -> (state, measurements): one optimiser step
+  over `accum` micro-batches; the frozen label embeddings come in `text_table`."""
+
+  def train_step(state, batch, text_table):
+    def loss_fn(params, batch_stats, mb):
+      text = text_table[mb["label_ids"]]  # [b, N, D]
+      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, mb["image"], text,
+                                    mb["label_mask"], train=True, mutable=["batch_stats"])
+      loss, stats = losses.pixel_cross_entropy(logits, mb["mask"], mb["label_mask"])
+      return loss, (updates.get("batch_stats", batch_stats), stats)
+
+    # Gradient accumulation as the official run: micro-batches in sequence,
+    # BatchNorm statistics updated by each. A Python loop, not lax.scan: XLA:CPU
+    # runs a scanned body ~6x slower, and `accum` is small.
+    grads, batch_stats, sums = None, state["batch_stats"], None
+    # Row i::accum of the batch, as a reshape that keeps the batch axis sharded.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
+    for mb in (jax.tree.map(lambda x: x[:, i], micro) for i in range(accum)):
+      (_, (batch_stats, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch_stats, mb)
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+      sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    new_state = {"params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
+                 "opt": opt, "step": state["step"] + 1}
+    valid = jnp.maximum(sums["valid"], 1)
+    measurements = {"loss": sums["loss_sum"] / valid, "pixel_acc": sums["correct"] / valid,
+                    "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state["params"]),
+                    "lr": sched(state["step"])}
+    return new_state, measurements
+
+  return train_step
+
+
 def check_finite(step: int, measurements: dict) -> None:
   if not np.isfinite(float(measurements["loss"])):
     raise NonFiniteLoss(f"loss is {float(measurements['loss'])} at step {step}: stopping "
@@ -241,7 +250,9 @@ def restore_latest(manager: ocp.CheckpointManager, state, train_iter):
           state=ocp.args.StandardRestore(abstract), data=data.checkpoint_restore(train_iter)))
     except Exception as e:  # orbax raises many types for truncated files
       logging.warning("checkpoint %d is unreadable (%s: %s); trying the previous one", step, type(e).__name__, e)
-      print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); falling back", flush=True)
+      print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); deleting it and falling back",
+            flush=True)
+      manager.delete(step)  # the run will write this step again
       continue
     print(f"resumed from step {step}", flush=True)
     return restored["state"], restored["data"]

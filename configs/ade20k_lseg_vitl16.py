@@ -28,9 +28,8 @@ def get_config(arg: str | None = None):
   del arg
   config = config_lib.base_config()
   config.model = get_model_config("clip_vitl16_384")
-  config.input = dict(dataset="ade20k", split="train", builder_config=None, data_dir=None, manual_dir=None,
-                      crop_size=480, base_size=520, normalization="clip", batch_size=64, worker_count=8,
-                      train_mode="scale_crop", eval_mode="val")
+  config.input.update(dict(dataset="ade20k", crop_size=480, base_size=520, normalization="clip", batch_size=64,
+                           worker_count=8, train_mode="scale_crop", eval_mode="val"))
   config.grad_accum_steps = 2
   config.optax_name = "sgd"
   config.lr = 0.004 / 16 * 4  # per-GPU batch 4

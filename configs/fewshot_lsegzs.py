@@ -40,11 +40,11 @@ def get_config(arg: str | None = None):
   config = config_lib.base_config()
   config.model = get_model_config(args.backbone)
   folds = args.dataset != "fss1000"
-  config.input = dict(
-      dataset=args.dataset, split="train", builder_config=f"fold{args.fold}" if folds else None,
-      data_dir=None, manual_dir=None, crop_size=480, base_size=520,
-      normalization="imagenet" if args.backbone == "clip_resnet101" else "clip",
-      batch_size=16, worker_count=4, max_labels=2, train_mode="resize", eval_mode="resize")
+  config.input.update(dict(
+      dataset=args.dataset, crop_size=480, normalization="imagenet" if args.backbone == "clip_resnet101" else "clip",
+      batch_size=16, worker_count=4, max_labels=2, train_mode="resize", eval_mode="resize"))
+  if folds:
+    config.input.builder_config = f"fold{args.fold}"
   config.evals = dict(split="test", batch_size=16)
   config.optax_name = "sgd"
   config.lr = 0.004 / 16 * 2

@@ -1,6 +1,16 @@
 """Pieces every training config in configs/ shares (as big_vision.configs.common)."""
 
 import ml_collections
+from ml_collections import config_dict
+
+from lseg_jax import data
+
+
+def optional_str():
+  """A str field that may stay None and can still be set with --config.x=...
+  (a new placeholder each call: a shared one would link the fields)."""
+  return config_dict.placeholder(str)
+
 
 # Logical parameter axes -> mesh axes (see lseg_jax/sharding.py). FSDP shards
 # parameters and optimiser state over `fsdp`; `tensor` splits the MLP / qkv /
@@ -21,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults every config overrides where it needs to."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.init = dict(model_dir=None, vit=None, resnet=None, clip_text=None)
+  config.input = data.default_input_config()  # every key of the input pipeline, with its default
+  config.init = dict(model_dir=optional_str(), vit=optional_str(), resnet=optional_str(), clip_text=optional_str())
   config.prompt_templates = ("{}",)  # LSeg feeds raw label names
 
   config.optax_name = "sgd"

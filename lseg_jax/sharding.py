@@ -55,11 +55,21 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*out)
 
 
+def mesh_rules(mesh: Mesh, rules: Rules) -> Rules:
+  """`rules` restricted to the axes `mesh` has: one rule table serves meshes
+  with or without, say, a `tensor` axis."""
+  def keep(axes):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = tuple(a for a in names if a in mesh.axis_names)
+    return names[0] if len(names) == 1 else (names or None)
+  return tuple((logical, keep(axes)) for logical, axes in rules)
+
+
 def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
   """NamedShardings for a tree whose leaves may carry logical axis names
   (the output of `jax.eval_shape(model.init, ...)`); unnamed leaves replicate."""
   specs = nn.get_partition_spec(boxed_tree)
-  specs = nn.logical_to_mesh(specs, rules)
+  specs = nn.logical_to_mesh(specs, mesh_rules(mesh, rules))
   shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_tree))
   return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit(spec, shape, mesh)),
                       specs, shapes, is_leaf=lambda x: isinstance(x, P))
@@ -68,7 +78,7 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Batch arrays of any rank: the leading axis over the mesh axes that
   `batch` maps to, the others replicated."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), mesh_rules(mesh, rules)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -28,13 +28,14 @@ import functools
 from typing import Any
 
 from absl import flags
-import flax
 import grain
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
+from lseg_jax import sharding
 from lseg_jax.data import registry
 from lseg_jax.data import transforms
 
@@ -45,22 +46,22 @@ def default_input_config() -> ml_collections.ConfigDict:
   """Every key `make_loader` understands, with its default."""
   c = ml_collections.ConfigDict()
   c.dataset = "lseg_shapes"  # a registered name (lseg_jax.data.registered())
-  c.builder_config = None  # TFDS builder config name / object; None = the dataset's default
-  c.data_dir = None  # TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.manual_dir = None  # for TFDS datasets with manual downloads
+  c.builder_config = config_dict.placeholder(str)  # TFDS builder config name / object; None = the dataset's default
+  c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.manual_dir = config_dict.placeholder(str)  # for TFDS datasets with manual downloads
   c.prepare = True  # download_and_prepare when the data is missing
   c.crop_size = 480
   c.base_size = 520  # training long side in [0.5, 2.0] * base_size
   c.normalization = "clip"  # "clip" (0.5/0.5, ViT models) | "imagenet" (ResNet)
   c.train_mode = "scale_crop"  # "scale_crop" (official ADE20K augmentation) | "resize" (zero-shot)
   c.eval_mode = "val"  # "val" (short side -> crop, centre crop) | "resize" | "none"
-  c.max_labels = None  # labels per example after padding; None = size of the label table
+  c.max_labels = config_dict.placeholder(int)  # labels per example after padding; None = size of the label table
   c.worker_count = 0  # grain worker processes (0 = in this process)
   c.num_threads = 4  # read/transform threads per process, each on one batch
   c.prefetch_batches = 4  # batches buffered per process
   # Read by the training script, not by make_loader (its arguments rule there).
   c.split = "train"
-  c.batch_size = None  # global batch size
+  c.batch_size = config_dict.placeholder(int)  # global batch size
   return c
 
 
@@ -345,9 +346,8 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.
   def one(key: str, x: np.ndarray) -> jax.Array:
     x = np.asarray(x)
     if partition_spec is None:
-      spec = flax.linen.logical_to_mesh_axes(("batch",) + (None,) * (x.ndim - 1), rules)
-    else:
-      spec = partition_spec[key] if isinstance(partition_spec, Mapping) else partition_spec
+      return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules), x)
+    spec = partition_spec[key] if isinstance(partition_spec, Mapping) else partition_spec
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
   return {k: one(k, v) for k, v in local_batch.items()}
 

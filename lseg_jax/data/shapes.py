@@ -44,6 +44,8 @@ class LsegShapesConfig(tfds.core.BuilderConfig):
   min_size: int = 128  # H and W are drawn independently in [min_size, max_size]
   max_size: int = 192
   max_shapes: int = 4  # 1..max_shapes shapes per image
+  min_radius: float = 0.12  # shape radius, as a fraction of the short side
+  max_radius: float = 0.3
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -135,7 +137,7 @@ def generate_example(cfg: LsegShapesConfig, split: str, index: int) -> tuple[np.
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
   for _ in range(int(rng.integers(1, cfg.max_shapes + 1))):
     kind = int(rng.integers(1, len(LABELS)))
-    radius = rng.uniform(0.12, 0.3) * min(h, w)
+    radius = rng.uniform(cfg.min_radius, cfg.max_radius) * min(h, w)
     cy = rng.uniform(0.5 * radius, h - 0.5 * radius)
     cx = rng.uniform(0.5 * radius, w - 0.5 * radius)
     angle = rng.uniform(0, 2 * np.pi)
