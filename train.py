@@ -84,6 +84,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  accum = config.get("grad_accum_steps", 1)
+  batch_devices = sharding.batch_devices(mesh, rules)
+  for key, size in (("input.batch_size", config.input.batch_size), ("evals.batch_size", config.evals.batch_size)):
+    multiple = batch_devices * (accum if key == "input.batch_size" else 1)
+    if size % multiple:
+      raise ValueError(f"{key}={size} must be a multiple of {multiple} (the devices the batch is split over"
+                       + (f" x grad_accum_steps={accum})" if key == "input.batch_size" else ")"))
   to_global = functools.partial(data.make_global_batch, mesh=mesh, rules=rules)
 
   # ------------------------------------------------------------ input
@@ -124,7 +131,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   # ------------------------------------------------------------ update step
-  train_step = make_train_step(model, tx, sched, config.get("grad_accum_steps", 1))
+  train_step = make_train_step(model, tx, sched, accum)
   train_step = jax.jit(train_step, donate_argnums=(0,),
                        in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))

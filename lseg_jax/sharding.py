@@ -81,5 +81,12 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), mesh_rules(mesh, rules)))
 
 
+def batch_devices(mesh: Mesh, rules: Rules) -> int:
+  """How many ways `batch_sharding` splits the batch axis."""
+  axes = batch_sharding(mesh, rules).spec[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

@@ -1,0 +1,69 @@
+"""The paper configs build, state their target, and train a few steps with
+tiny overrides on fake ADE20K / PASCAL-5i trees (the real folder layouts)."""
+
+import importlib.util
+from pathlib import Path
+
+from etils import epath
+import pytest
+
+from test_real_builders import _ade_tree, _pascal_tree
+from test_train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{Path(name).stem}", ROOT / "configs" / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg), module.__doc__
+
+
+def shrink(config, data_dir, manual_dir):
+  """Tiny model, 64 px, batch 2 on one device, 2 steps; the rest as the paper config."""
+  model = config.model
+  config.model = train_tiny_model(model)
+  config.input.update(dict(data_dir=str(data_dir), manual_dir=str(manual_dir), crop_size=64, base_size=72,
+                           batch_size=2, worker_count=0))
+  config.evals.batch_size = 2
+  config.update(dict(total_epochs=0.0, total_steps=2, log_every=1, ckpt_every=0, mesh=(("data", 1),)))
+  return config
+
+
+def train_tiny_model(model):
+  from lseg_jax.models import get_model_config
+  return get_model_config("tiny" if model.kind == "vit" else "tiny_resnet", arch_option=model.arch_option,
+                          block_depth=model.block_depth)
+
+
+def test_ade20k_config_is_the_official_recipe_and_trains(tmp_path):
+  config, doc = load_config("ade20k_lseg_vitl16.py")
+  assert "47.3" in doc and "python train.py --config configs/ade20k_lseg_vitl16.py" in doc
+  assert config.model.backbone == "clip_vitl16_384" and config.optax_name == "sgd"
+  assert (config.momentum, config.wd, config.lr, config.grad_accum_steps) == (0.9, 1e-4, 0.001, 2)
+  assert dict(config.lr_mults) == {"fusion": 10.0, "head": 10.0} and config.total_epochs == 240
+  assert (config.input.crop_size, config.input.base_size) == (480, 520)
+  _ade_tree(epath.Path(tmp_path / "manual"))
+  config = shrink(config, tmp_path / "tfds", tmp_path / "manual")
+  config.grad_accum_steps = 2
+  scores = train.train_and_evaluate(config, tmp_path / "run")
+  assert 0.0 <= scores["mIoU"] <= 1.0
+
+
+@pytest.mark.parametrize("arg", ["dataset=pascal5i,fold=0"])
+def test_fewshot_config_trains_on_episodes(tmp_path, arg):
+  config, doc = load_config("fewshot_lsegzs.py", arg)
+  assert config.paper_miou == 52.8 and config.model.backbone == "clip_resnet101"
+  assert config.input.builder_config == "fold0" and config.input.normalization == "imagenet"
+  _pascal_tree(epath.Path(tmp_path / "manual"))
+  config = shrink(config, tmp_path / "tfds", tmp_path / "manual")
+  config.input.update(dict(split="train", max_labels=2))
+  config.evals.split = "test"
+  scores = train.train_and_evaluate(config, tmp_path / "run")
+  assert 0.0 <= scores["mIoU"] <= 1.0
+
+
+def test_config_arguments_are_checked():
+  with pytest.raises(ValueError, match="folds"):
+    load_config("fewshot_lsegzs.py", "folds=1")
