@@ -27,9 +27,9 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lseg_jax import checkpoint, data, evaluate, inference, labels as labels_lib, losses, metrics, sharding
+from lseg_jax import checkpoint, data, evaluate, inference, labels as labels_lib, metrics, sharding
 from lseg_jax.data import fewshot
-from lseg_jax.models import LSeg, build_model
+from lseg_jax.models import build_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: WORKDIR/config.json's run).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint; results go here.")

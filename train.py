@@ -16,8 +16,6 @@ Multi-process (e.g. 2 processes x 4 CPU devices on localhost): pass
 import functools
 import json
 import logging
-import math
-import os
 from pathlib import Path
 import signal
 import sys

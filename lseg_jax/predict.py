@@ -15,11 +15,9 @@ protocol. Several --template values are averaged (prompt ensembling).
 
 import argparse
 from collections.abc import Sequence
-import os
 from pathlib import Path
 import sys
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import os
 
 from etils import epath
-import tensorflow_datasets as tfds
 
 from lseg_jax.data import fewshot
 
@@ -100,41 +99,14 @@ def coco_mask_path(root: epath.Path, key: str) -> epath.Path:
   return root / "COCO2014" / "annotations" / f"{stem}.png"
 
 
-class Coco20iLseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
+class Coco20iLseg(fewshot.FoldEpisodesBuilder):
   """COCO-20i episodes (HSNet splits) for LSeg's zero-shot protocol."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
   BUILDER_CONFIGS = fewshot.fold_configs("coco", "COCO-20i")
-  DEFAULT_CONFIG_NAME = "fold0"
+  BENCHMARK = "coco"
   LABELS = COCO_LABELS
-  MASK_MAP = staticmethod(fewshot.episode_mask_map)  # stored mask -> int32 target, -1 = ignore
-  SPLITS = ("train", "test")
-
-  def __init__(self, *, split_dir: os.PathLike | str | None = None, splits: Sequence[str] = SPLITS, **kwargs):
-    """split_dir: HSNet's `data/splits` (default `<manual_dir>/splits`); splits:
-    which splits to prepare (only used by `download_and_prepare`)."""
-    self._split_dir = split_dir
-    self._splits = fewshot.check_splits(splits, self.SPLITS, "coco20i_lseg")
-    super().__init__(**kwargs)
-
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    cfg = self.builder_config
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=fewshot.episode_features(COCO_LABELS),
-        supervised_keys=("image", "mask"),
-        homepage="https://github.com/juhongm999/hsnet",
-        disable_shuffling=True,  # record i of "test" is episode i
-        metadata=tfds.core.MetadataDict(
-            benchmark="coco", fold=cfg.fold, n_episodes=cfg.n_episodes, seed=cfg.seed,
-            test_class_ids=list(fewshot.fold_class_ids("coco", cfg.fold, "test")),
-            train_class_ids=list(fewshot.fold_class_ids("coco", cfg.fold, "train")),
-            mask_values={"0": fewshot.OTHERS, "1": "class"}),
-    )
+  MASK_VALUES = {"0": fewshot.OTHERS, "1": "class"}
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config

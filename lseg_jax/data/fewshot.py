@@ -505,3 +505,42 @@ def check_splits(splits: Iterable[str], allowed: Sequence[str], dataset: str) ->
   if bad or not splits:
     raise ValueError(f"{dataset}: splits must be a non-empty subset of {list(allowed)}, got {list(splits)}")
   return splits
+
+
+class FoldEpisodesBuilder(TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
+  """What the fold benchmarks (PASCAL-5i, COCO-20i) share: versions, fold
+  configs, the split selection and the features/metadata. Subclasses set
+  BENCHMARK, LABELS, MASK_VALUES, BUILDER_CONFIGS and the manual-download text,
+  and write the split generators (abstract here, so TFDS registers only them)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  DEFAULT_CONFIG_NAME = "fold0"
+  MASK_MAP = staticmethod(episode_mask_map)  # stored mask -> int32 target, -1 = ignore
+  SPLITS = ("train", "test")
+  BENCHMARK: str
+  LABELS: Sequence[str]
+  MASK_VALUES: dict[str, str]
+
+  def __init__(self, *, split_dir: os.PathLike | str | None = None, splits: Sequence[str] = SPLITS, **kwargs):
+    """split_dir: HSNet's `data/splits` (default `<manual_dir>/splits`); splits:
+    which splits to prepare (only used by `download_and_prepare`)."""
+    self._split_dir = split_dir
+    self._splits = check_splits(splits, self.SPLITS, self.name)
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=episode_features(self.LABELS),
+        supervised_keys=("image", "mask"),
+        homepage="https://github.com/juhongm999/hsnet",
+        disable_shuffling=True,  # record i of "test" is episode i
+        metadata=tfds.core.MetadataDict(
+            benchmark=self.BENCHMARK, fold=cfg.fold, n_episodes=cfg.n_episodes, seed=cfg.seed,
+            test_class_ids=list(fold_class_ids(self.BENCHMARK, cfg.fold, "test")),
+            train_class_ids=list(fold_class_ids(self.BENCHMARK, cfg.fold, "train")),
+            mask_values=self.MASK_VALUES),
+    )

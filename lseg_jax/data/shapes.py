@@ -26,7 +26,6 @@ other sizes or seed can be passed as `builder_kwargs={"config": ...}`.
 import dataclasses
 import io
 
-from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
