@@ -1,0 +1,216 @@
+"""Metrics against independent numpy references, the multi-scale sliding
+window, and eval.py / predict on a trained tiny workdir."""
+
+import json
+import math
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from lseg_jax import inference, metrics, predict
+from lseg_jax.models.layers import resize_bilinear_np
+from test_train import losses_by_step, tiny_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def encoding_reference(preds, targets, nclass):
+  """PyTorch-Encoding's batch_pix_accuracy / batch_intersection_union, in numpy."""
+  correct = labeled = 0
+  inter_t = union_t = np.zeros(nclass)
+  for p, t in zip(preds, targets):
+    p, t = p + 1, t + 1
+    labeled += (t > 0).sum()
+    correct += ((p == t) * (t > 0)).sum()
+    p = p * (t > 0)
+    inter = p * (p == t)
+    a_i, _ = np.histogram(inter, bins=nclass, range=(1, nclass))
+    a_p, _ = np.histogram(p, bins=nclass, range=(1, nclass))
+    a_t, _ = np.histogram(t, bins=nclass, range=(1, nclass))
+    inter_t, union_t = inter_t + a_i, union_t + a_p + a_t - a_i
+  eps = np.spacing(1)
+  return correct / (eps + labeled), (inter_t / (eps + union_t)).mean()
+
+
+def test_segmentation_metric_matches_pytorch_encoding():
+  rng = np.random.default_rng(0)
+  nclass = 9  # classes 7 and 8 never occur: IoU 0, still in the mean
+  preds = [rng.integers(0, 7, (13, 17)) for _ in range(3)]
+  targets = [np.where(rng.random((13, 17)) < 0.2, -1, rng.integers(0, 7, (13, 17))) for _ in range(3)]
+  confusion = sum(np.asarray(metrics.confusion_matrix(p, t, nclass)) for p, t in zip(preds, targets))
+  scores = metrics.segmentation_scores(confusion)
+  pix_acc, miou = encoding_reference(preds, targets, nclass)
+  assert scores["pixAcc"] == pytest.approx(pix_acc, abs=1e-12)
+  assert scores["mIoU"] == pytest.approx(miou, abs=1e-12)
+  assert scores["IoU"][7] == scores["IoU"][8] == 0.0
+
+
+def test_fewshot_metric_matches_hsnet():
+  rng = np.random.default_rng(1)
+  inter, union = np.zeros((5, 2)), np.zeros((5, 2))
+  ref_i, ref_u = np.zeros((2, 5)), np.zeros((2, 5))
+  for _ in range(12):
+    c = rng.integers(0, 5)
+    pred = rng.integers(0, 2, (9, 11))
+    gt = np.where(rng.random((9, 11)) < 0.1, -1, rng.integers(0, 2, (9, 11)))
+    i, u = metrics.fewshot_areas(pred, gt)
+    inter[c] += i
+    union[c] += u
+    p = np.where(gt < 0, 255, pred)  # HSNet: ignored pixels leave both histograms
+    g = np.where(gt < 0, 255, gt)
+    hi = np.array([((p == k) & (g == k)).sum() for k in (0, 1)])
+    hp, hg = np.array([(p == k).sum() for k in (0, 1)]), np.array([(g == k).sum() for k in (0, 1)])
+    ref_i[:, c] += hi
+    ref_u[:, c] += hp + hg - hi
+  classes = [0, 2, 3]
+  s = metrics.fewshot_scores(inter, union, classes)
+  iou = ref_i / np.maximum(ref_u, 1)
+  assert s["mIoU"] == pytest.approx(100 * iou[1, classes].mean())
+  assert s["FB-IoU"] == pytest.approx(100 * (ref_i[:, classes].sum(1) / ref_u[:, classes].sum(1)).mean())
+
+
+def official_multiscale(forward, image, nclass, ms, pad):
+  """MultiEvalModule.forward, transcribed loop by loop (numpy, HWC)."""
+  h, w = image.shape[:2]
+  crop, stride = ms.crop_size, int(ms.crop_size * ms.stride_rate)
+  scores = np.zeros((h, w, nclass))
+
+  def run(x):
+    out = forward(x[None])[0]
+    if ms.flip:
+      out = out + forward(x[None, :, ::-1])[0][:, ::-1]
+    return out
+
+  def pad_img(x):
+    ph, pw = max(crop - x.shape[0], 0), max(crop - x.shape[1], 0)
+    return np.concatenate([np.concatenate([x, np.broadcast_to(pad, (x.shape[0], pw, 3))], 1),
+                           np.broadcast_to(pad, (ph, x.shape[1] + pw, 3))], 0)
+
+  for scale in ms.scales:
+    long_size = int(math.ceil(ms.base_size * scale))
+    if h > w:
+      height, width, short = long_size, int(1.0 * w * long_size / h + 0.5), int(1.0 * w * long_size / h + 0.5)
+    else:
+      width, height, short = long_size, int(1.0 * h * long_size / w + 0.5), int(1.0 * h * long_size / w + 0.5)
+    cur = resize_bilinear_np(image[None], (height, width), True)[0]
+    if long_size <= crop:
+      out = run(pad_img(cur))[:height, :width]
+    else:
+      img = pad_img(cur) if short < crop else cur
+      ph, pw = img.shape[:2]
+      out, count = np.zeros((ph, pw, nclass)), np.zeros((ph, pw, 1))
+      for i in range(int(math.ceil((ph - crop) / stride)) + 1):
+        for j in range(int(math.ceil((pw - crop) / stride)) + 1):
+          h0, w0 = i * stride, j * stride
+          h1, w1 = min(h0 + crop, ph), min(w0 + crop, pw)
+          o = run(pad_img(img[h0:h1, w0:w1]))
+          out[h0:h1, w0:w1] += o[:h1 - h0, :w1 - w0]
+          count[h0:h1, w0:w1] += 1
+      out = (out / count)[:height, :width]
+    scores += resize_bilinear_np(out[None].astype(np.float32), (h, w), True)[0]
+  return scores
+
+
+def fake_forward(batch):
+  """A position-dependent per-pixel map, so windows and flips matter."""
+  y = np.arange(batch.shape[1])[None, :, None, None] / 10.0
+  return np.concatenate([batch.sum(-1, keepdims=True) * (1 + y), batch[..., :1] ** 2], -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("hw", [(30, 40), (90, 130), (130, 50)], ids=["smaller", "larger", "portrait"])
+def test_multiscale_matches_the_official_algorithm(hw):
+  image = np.random.default_rng(2).uniform(-1, 1, (*hw, 3)).astype(np.float32)
+  ms = inference.MultiScale(scales=(0.5, 1.0, 1.5), flip=True, base_size=80, crop_size=64)
+  pad = np.full(3, -1.0, np.float32)
+  ours = inference.multiscale_logits(fake_forward, image, 2, ms, pad)
+  np.testing.assert_allclose(ours, official_multiscale(fake_forward, image, 2, ms, pad), rtol=1e-5, atol=1e-5)
+
+
+def test_flip_symmetry():
+  image = np.random.default_rng(3).uniform(-1, 1, (50, 90, 3)).astype(np.float32)
+  ms = inference.MultiScale(scales=(0.75, 1.25), flip=True, base_size=80, crop_size=64)
+  mirror_equivariant = lambda b: b[..., :2] * 2.0
+  a = inference.multiscale_logits(mirror_equivariant, image, 2, ms, np.full(3, -1.0))
+  b = inference.multiscale_logits(mirror_equivariant, image[:, ::-1], 2, ms, np.full(3, -1.0))
+  np.testing.assert_allclose(b, a[:, ::-1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  scores = train.train_and_evaluate(tiny_config(shapes_config, total_steps=4, ckpt_every=0), workdir)
+  return workdir, scores
+
+
+def run_eval(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_eval_reproduces_the_training_validation(trained):
+  workdir, scores = trained
+  proc = run_eval("--workdir", str(workdir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((workdir / "eval_single_validation.json").read_text())
+  assert result["mIoU"] == pytest.approx(scores["mIoU"], abs=1e-6)
+  assert result["pixAcc"] == pytest.approx(scores["pixAcc"], abs=1e-6)
+  assert set(result["IoU"]) == {"background", "circle", "square", "triangle", "star", "ring", "cross"}
+
+
+def test_eval_multiscale_protocol_runs(trained):
+  workdir, _ = trained
+  proc = run_eval("--workdir", str(workdir), "--protocol", "multiscale")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((workdir / "eval_multiscale_validation.json").read_text())
+  assert 0.0 <= result["mIoU"] <= 1.0 and 0.0 < result["pixAcc"] <= 1.0
+
+
+def test_predict_writes_maps_of_the_image_size(trained, tmp_path, capsys):
+  workdir, _ = trained
+  rng = np.random.default_rng(4)
+  Image.fromarray(rng.integers(0, 255, (70, 100, 3), np.uint8)).save(tmp_path / "rgb.png")
+  folder = tmp_path / "more"
+  folder.mkdir()
+  Image.fromarray(rng.integers(0, 255, (64, 64), np.uint8), "L").save(folder / "gray.png")
+  Image.fromarray(rng.integers(0, 255, (40, 90, 4), np.uint8), "RGBA").save(folder / "rgba.png")
+  out = tmp_path / "out"
+  rc = predict.main(["--checkpoint", str(workdir), "--labels", "background, circle,square", "--out", str(out),
+                     "--base_size", "64", "--crop_size", "64", "--save_logits", "--template", "a photo of a {}.",
+                     "--template", "a {}", str(tmp_path / "rgb.png"), str(folder)])
+  assert rc == 0
+  for name, (h, w) in {"rgb": (70, 100), "gray": (64, 64), "rgba": (40, 90)}.items():
+    ids = np.asarray(Image.open(out / f"{name}_ids.png"))
+    assert ids.shape == (h, w) and ids.max() < 3
+    assert Image.open(out / f"{name}_labels.png").size == (w, h)
+    assert Image.open(out / f"{name}_overlay.png").size[0] > w  # the legend
+    logits = np.load(out / f"{name}_logits.npy")
+    assert logits.shape == (h, w, 3)
+    np.testing.assert_array_equal(np.argmax(logits, -1), np.load(out / f"{name}_ids.npy"))
+
+
+@pytest.mark.parametrize("case", ["empty_labels", "garbage_image", "missing_image", "not_a_model"])
+def test_predict_bad_input_is_a_clear_error(trained, tmp_path, capsys, case):
+  workdir, _ = trained
+  good = tmp_path / "ok.png"
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
+  args = {"checkpoint": str(workdir), "labels": "a,b", "image": str(good)}
+  expected = {"empty_labels": "empty label list", "garbage_image": "cannot read image",
+              "missing_image": "does not exist", "not_a_model": "model_config.json"}[case]
+  if case == "empty_labels":
+    args["labels"] = ","
+  elif case == "garbage_image":
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    args["image"] = str(tmp_path / "bad.png")
+  elif case == "missing_image":
+    args["image"] = str(tmp_path / "nope.png")
+  else:
+    args["checkpoint"] = str(tmp_path)
+  rc = predict.main(["--checkpoint", args["checkpoint"], "--labels", args["labels"], "--out", str(tmp_path / "o"),
+                     args["image"]])
+  assert rc == 2 and expected in capsys.readouterr().err
