@@ -94,6 +94,7 @@ def multiscale(config, model, variables, text_table, split: str) -> dict:
 
 def fewshot_eval(config, model, variables, text_table, split: str) -> dict:
   """test_lseg_zs.py: single scale, no flip, per-episode label pair."""
+  names = data.label_names(config.input)  # ("others", *classes)
   eval_fn = jax.jit(lambda v, x, t: model.apply(v, x, t))
   num_classes = len(text_table) - 1  # the table is ("others", *classes)
   inter, union = np.zeros((num_classes, 2)), np.zeros((num_classes, 2))
@@ -117,7 +118,9 @@ def fewshot_eval(config, model, variables, text_table, split: str) -> dict:
   fold = int(str(config.input.builder_config or "fold0").removeprefix("fold"))
   classes = (fewshot.fold_class_ids(benchmark, fold) if benchmark != "fss"
              else sorted({int(c) for c in np.nonzero(union.sum(1))[0]}))
-  return metrics.fewshot_scores(inter, union, classes)
+  scores = metrics.fewshot_scores(inter, union, classes)
+  scores["IoU"] = {str(names[c + 1]): iou for c, iou in zip(classes, scores["IoU"])}
+  return scores
 
 
 PROTOCOLS = {"single": single_scale, "multiscale": multiscale, "fewshot": fewshot_eval}
@@ -143,9 +146,8 @@ def main(argv):
   split = _SPLIT.value or config.evals.split
   scores = PROTOCOLS[protocol](config, model, variables, text_table, split)
   scores = {"protocol": protocol, "split": split, "dataset": config.input.dataset, **scores}
-  if "IoU" in scores:
-    names = label_names[1:] if protocol == "fewshot" else label_names
-    scores["IoU"] = dict(zip(names, scores["IoU"]))
+  if isinstance(scores.get("IoU"), list):
+    scores["IoU"] = dict(zip(label_names, scores["IoU"]))
   if jax.process_index() == 0:
     out_dir = Path(_WORKDIR.value or _CHECKPOINT.value)
     out = out_dir / f"eval_{protocol}_{split}.json"

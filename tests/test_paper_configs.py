@@ -2,7 +2,11 @@
 tiny overrides on fake ADE20K / PASCAL-5i trees (the real folder layouts)."""
 
 import importlib.util
+import json
+import os
 from pathlib import Path
+import subprocess
+import sys
 
 from etils import epath
 import pytest
@@ -62,6 +66,14 @@ def test_fewshot_config_trains_on_episodes(tmp_path, arg):
   config.evals.split = "test"
   scores = train.train_and_evaluate(config, tmp_path / "run")
   assert 0.0 <= scores["mIoU"] <= 1.0
+  # eval.py's zero-shot protocol on the same run: HSNet mIoU and FB-IoU over the fold's test classes.
+  proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(tmp_path / "run"),
+                         "--protocol", "fewshot"], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "run" / "eval_fewshot_test.json").read_text())
+  assert 0.0 <= result["mIoU"] <= 100.0 and 0.0 <= result["FB-IoU"] <= 100.0
+  assert set(result["IoU"]) == {"aeroplane", "bicycle", "bird", "boat", "bottle"}  # fold 0's test classes
 
 
 def test_config_arguments_are_checked():
