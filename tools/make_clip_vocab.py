@@ -9,9 +9,9 @@ list of OpenAI CLIP (https://github.com/openai/CLIP, MIT licence,
 where we take it from so that no network access beyond the package index is
 needed::
 
-    pip download --no-deps open_clip_torch -d /tmp/oc
-    cd /tmp/oc && unzip -o open_clip_torch-*.whl open_clip/bpe_simple_vocab_16e6.txt.gz
-    python tools/make_clip_vocab.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz
+  pip download --no-deps open_clip_torch -d /tmp/oc
+  cd /tmp/oc && unzip -o open_clip_torch-*.whl open_clip/bpe_simple_vocab_16e6.txt.gz
+  python tools/make_clip_vocab.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz
 
 Construction
 ------------
@@ -45,84 +45,84 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lseg_jax" / "assets" / "cli
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """Map every byte 0..255 to a printable unicode character (GPT-2 scheme).
+  """Map every byte 0..255 to a printable unicode character (GPT-2 scheme).
 
-    Printable Latin-1 bytes map to themselves; the remaining bytes map, in
-    increasing byte order, to code points 256, 257, ...  The dict's insertion
-    order (printable bytes first, then the others) is the vocabulary order.
-    """
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    byte_values = list(printable)
-    code_points = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            byte_values.append(b)
-            code_points.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(byte_values, code_points)}
+  Printable Latin-1 bytes map to themselves; the remaining bytes map, in
+  increasing byte order, to code points 256, 257, ...  The dict's insertion
+  order (printable bytes first, then the others) is the vocabulary order.
+  """
+  printable = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
+  byte_values = list(printable)
+  code_points = list(printable)
+  extra = 0
+  for b in range(256):
+    if b not in printable:
+      byte_values.append(b)
+      code_points.append(256 + extra)
+      extra += 1
+  return {b: chr(c) for b, c in zip(byte_values, code_points)}
 
 
 def read_merges(bpe_gz: Path) -> list[tuple[str, str]]:
-    """Read the merge pairs from the gzipped OpenAI BPE file."""
-    lines = gzip.open(bpe_gz, "rb").read().decode("utf-8").split("\n")
-    selected = lines[1 : NUM_MERGES + 1]
-    merges: list[tuple[str, str]] = []
-    for i, line in enumerate(selected, start=1):
-        parts = line.split()
-        if len(parts) != 2:
-            raise ValueError(f"{bpe_gz}: line {i} is not a merge pair: {line!r}")
-        merges.append((parts[0], parts[1]))
-    if len(merges) != NUM_MERGES:
-        raise ValueError(f"{bpe_gz}: expected {NUM_MERGES} merges, found {len(merges)}")
-    return merges
+  """Read the merge pairs from the gzipped OpenAI BPE file."""
+  lines = gzip.open(bpe_gz, "rb").read().decode("utf-8").split("\n")
+  selected = lines[1 : NUM_MERGES + 1]
+  merges: list[tuple[str, str]] = []
+  for i, line in enumerate(selected, start=1):
+    parts = line.split()
+    if len(parts) != 2:
+      raise ValueError(f"{bpe_gz}: line {i} is not a merge pair: {line!r}")
+    merges.append((parts[0], parts[1]))
+  if len(merges) != NUM_MERGES:
+    raise ValueError(f"{bpe_gz}: expected {NUM_MERGES} merges, found {len(merges)}")
+  return merges
 
 
 def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    """Token -> id, in the order OpenAI's SimpleTokenizer uses."""
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols]
-    tokens += ["".join(m) for m in merges]
-    tokens += [SOT_TOKEN, EOT_TOKEN]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != VOCAB_SIZE or len(tokens) != VOCAB_SIZE:
-        raise ValueError(
-            f"vocab has {len(tokens)} tokens ({len(vocab)} distinct), expected {VOCAB_SIZE}"
-        )
-    return vocab
+  """Token -> id, in the order OpenAI's SimpleTokenizer uses."""
+  symbols = list(bytes_to_unicode().values())
+  tokens = symbols + [s + "</w>" for s in symbols]
+  tokens += ["".join(m) for m in merges]
+  tokens += [SOT_TOKEN, EOT_TOKEN]
+  vocab = {tok: i for i, tok in enumerate(tokens)}
+  if len(vocab) != VOCAB_SIZE or len(tokens) != VOCAB_SIZE:
+    raise ValueError(
+      f"vocab has {len(tokens)} tokens ({len(vocab)} distinct), expected {VOCAB_SIZE}"
+    )
+  return vocab
 
 
 def write_files(bpe_gz: Path, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``vocab.json`` and ``merges.txt`` into ``out_dir``; return their paths."""
-    merges = read_merges(bpe_gz)
-    vocab = build_vocab(merges)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_path = out_dir / "vocab.json"
-    merges_path = out_dir / "merges.txt"
-    with open(vocab_path, "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False, separators=(",", ":"))
-        f.write("\n")
-    with open(merges_path, "w", encoding="utf-8", newline="\n") as f:
-        f.write("#version: 0.2\n")
-        for a, b in merges:
-            f.write(f"{a} {b}\n")
-    return vocab_path, merges_path
+  """Write ``vocab.json`` and ``merges.txt`` into ``out_dir``; return their paths."""
+  merges = read_merges(bpe_gz)
+  vocab = build_vocab(merges)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  vocab_path = out_dir / "vocab.json"
+  merges_path = out_dir / "merges.txt"
+  with open(vocab_path, "w", encoding="utf-8") as f:
+    json.dump(vocab, f, ensure_ascii=False, separators=(",", ":"))
+    f.write("\n")
+  with open(merges_path, "w", encoding="utf-8", newline="\n") as f:
+    f.write("#version: 0.2\n")
+    for a, b in merges:
+      f.write(f"{a} {b}\n")
+  return vocab_path, merges_path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bpe_gz", type=Path, help="path to bpe_simple_vocab_16e6.txt.gz")
-    parser.add_argument(
-        "--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
-    )
-    args = parser.parse_args(argv)
-    vocab_path, merges_path = write_files(args.bpe_gz, args.out_dir)
-    print(f"wrote {vocab_path} and {merges_path}")
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("bpe_gz", type=Path, help="path to bpe_simple_vocab_16e6.txt.gz")
+  parser.add_argument(
+    "--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+  )
+  args = parser.parse_args(argv)
+  vocab_path, merges_path = write_files(args.bpe_gz, args.out_dir)
+  print(f"wrote {vocab_path} and {merges_path}")
 
 
 if __name__ == "__main__":
-    main()
+  main()
