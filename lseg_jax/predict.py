@@ -96,17 +96,24 @@ def main(argv: list[str] | None = None) -> int:
   try:
     names = labels_lib.parse_labels(args.labels)
     paths = expand_inputs(args.images)
-    if args.crop_size % 32:
-      raise ValueError(f"--crop_size {args.crop_size} is not a multiple of 32")
+    if args.crop_size <= 0 or args.crop_size % 32:
+      raise ValueError(f"--crop_size {args.crop_size} is not a positive multiple of 32")
+    if args.base_size <= 0:
+      raise ValueError(f"--base_size {args.base_size} is not positive")
+    try:
+      scales = tuple(float(s) for s in args.scales.split(","))
+    except ValueError:
+      raise ValueError(f"--scales {args.scales!r} is not a comma-separated list of numbers") from None
+    if any(s <= 0 for s in scales):
+      raise ValueError(f"--scales {args.scales!r} must be positive")
     config, variables = checkpoint.load_model(args.checkpoint)
+    model = build_model(config)
+    text = labels_lib.encode_labels(model, variables["params"]["text_encoder"], names, args.template or ("{}",))
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  model = build_model(config)
-  text = labels_lib.encode_labels(model, variables["params"]["text_encoder"], names, args.template or ("{}",))
   forward = inference.make_window_forward(model, variables, text, chunk=2)
-  ms = inference.MultiScale(scales=tuple(float(s) for s in args.scales.split(",")), flip=args.flip,
-                            base_size=args.base_size, crop_size=args.crop_size)
+  ms = inference.MultiScale(scales=scales, flip=args.flip, base_size=args.base_size, crop_size=args.crop_size)
   mean, std = transforms.normalization_stats("imagenet" if config.kind == "resnet" else "clip")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

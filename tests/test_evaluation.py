@@ -194,14 +194,19 @@ def test_predict_writes_maps_of_the_image_size(trained, tmp_path, capsys):
     np.testing.assert_array_equal(np.argmax(logits, -1), np.load(out / f"{name}_ids.npy"))
 
 
-@pytest.mark.parametrize("case", ["empty_labels", "garbage_image", "missing_image", "not_a_model"])
+@pytest.mark.parametrize("case", ["empty_labels", "garbage_image", "missing_image", "not_a_model", "bad_template",
+                                  "zero_crop", "bad_scales"])
 def test_predict_bad_input_is_a_clear_error(trained, tmp_path, capsys, case):
   workdir, _ = trained
   good = tmp_path / "ok.png"
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
   args = {"checkpoint": str(workdir), "labels": "a,b", "image": str(good)}
   expected = {"empty_labels": "empty label list", "garbage_image": "cannot read image",
-              "missing_image": "does not exist", "not_a_model": "model_config.json"}[case]
+              "missing_image": "does not exist", "not_a_model": "model_config.json",
+              "bad_template": "must each contain", "zero_crop": "positive multiple of 32",
+              "bad_scales": "comma-separated list of numbers"}[case]
+  extra = {"bad_template": ["--template", "a photo"], "zero_crop": ["--crop_size", "0"],
+           "bad_scales": ["--scales", "1.0,x"]}.get(case, [])
   if case == "empty_labels":
     args["labels"] = ","
   elif case == "garbage_image":
@@ -209,8 +214,8 @@ def test_predict_bad_input_is_a_clear_error(trained, tmp_path, capsys, case):
     args["image"] = str(tmp_path / "bad.png")
   elif case == "missing_image":
     args["image"] = str(tmp_path / "nope.png")
-  else:
+  elif case == "not_a_model":
     args["checkpoint"] = str(tmp_path)
   rc = predict.main(["--checkpoint", args["checkpoint"], "--labels", args["labels"], "--out", str(tmp_path / "o"),
-                     args["image"]])
+                     *extra, args["image"]])
   assert rc == 2 and expected in capsys.readouterr().err
