@@ -14,7 +14,7 @@ import pytest
 
 from lseg_jax import inference, metrics, predict
 from lseg_jax.models.layers import resize_bilinear_np
-from test_train import losses_by_step, tiny_config, train
+from test_train import tiny_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
