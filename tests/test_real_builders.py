@@ -79,7 +79,7 @@ def test_ade20k_labels_are_the_official_strings():
   assert labels[:5] == ("wall", "building", "sky", "floor", "tree")
   assert labels.count("screen") == 2 and [i for i, x in enumerate(labels) if x == "screen"] == [58, 130]
   assert "coffee" in labels and "coffee table" not in labels
-  assert labels == ade20k.labels_from_object_info((LABEL_DIR / "ade20k_objectInfo150.txt").read_text())
+  assert labels[-3:] == ("glass", "clock", "flag")
   official = _mirror_file("label_files/ade20k_objectInfo150.txt")
   if official is not None:
     assert labels == ade20k.labels_from_object_info(official)
@@ -87,9 +87,12 @@ def test_ade20k_labels_are_the_official_strings():
     assert labels == tuple(l.strip().split(",")[-1].split(";")[0] for l in official.splitlines(True)[1:])
 
 
-def test_fewshot_label_tables_match_label_files():
-  assert pascal5i.PASCAL_LABELS == fewshot.read_label_file(LABEL_DIR / "fewshot_pascal.txt")
-  assert coco20i.COCO_LABELS == fewshot.read_label_file(LABEL_DIR / "fewshot_coco.txt")
+def test_fewshot_label_tables_are_the_official_strings():
+  # lang-seg's fewshot_*.txt: VOC and COCO category order, spaces removed.
+  assert pascal5i.PASCAL_LABELS[:3] == ("aeroplane", "bicycle", "bird")
+  assert pascal5i.PASCAL_LABELS[-3:] == ("sofa", "train", "tvmonitor")
+  assert coco20i.COCO_LABELS[:3] == ("person", "bicycle", "car")
+  assert coco20i.COCO_LABELS[9] == "trafficlight" and coco20i.COCO_LABELS[-1] == "toothbrush"
   assert len(pascal5i.PASCAL_LABELS) == 20 and len(coco20i.COCO_LABELS) == 80
   assert len(fss1000.FSS_LABELS) == 1000 == len(set(fss1000.FSS_LABELS))
   assert fss1000.FSS_LABELS[0] == "ac_wall" and fss1000.FSS_LABELS[-1] == "wooden_spoon"

@@ -34,27 +34,6 @@ from lseg_jax.data import fewshot
 OBJECT_INFO_FILE = epath.Path(__file__).parent / "label_files" / "ade20k_objectInfo150.txt"
 NUM_CLASSES = 150
 
-ADE20K_LABELS: tuple[str, ...] = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed",
-    "windowpane", "grass", "cabinet", "sidewalk", "person", "earth", "door", "table",
-    "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
-    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat",
-    "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
-    "base", "box", "column", "signboard", "chest", "counter", "sand", "sink",
-    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
-    "pool", "pillow", "screen", "stairway", "river", "bridge", "bookcase", "blind",
-    "coffee", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen", "computer", "swivel", "boat", "bar", "arcade", "hovel",
-    "bus", "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight",
-    "booth", "television", "airplane", "dirt", "apparel", "pole", "land", "bannister",
-    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
-    "fountain", "conveyer", "canopy", "washer", "plaything", "swimming", "stool", "barrel",
-    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball",
-    "food", "step", "tank", "trade", "microwave", "pot", "animal", "bicycle",
-    "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase",
-    "traffic", "tray", "ashcan", "fan", "pier", "crt", "plate", "monitor",
-    "bulletin", "shower", "radiator", "glass", "clock", "flag",
-)
 
 INSTRUCTIONS = """\
 ADE20K (MIT SceneParsing, 150 classes) under the manual dir:
@@ -75,6 +54,10 @@ def labels_from_object_info(text: str) -> tuple[str, ...]:
   """The official label strings from the text of `ade20k_objectInfo150.txt`
   (lang-seg `LSegModule.get_labels`): last comma field, cut at ';', header dropped."""
   return tuple(line.strip().split(",")[-1].split(";")[0] for line in text.splitlines(keepends=True))[1:]
+
+
+ADE20K_LABELS: tuple[str, ...] = labels_from_object_info(OBJECT_INFO_FILE.read_text())
+assert len(ADE20K_LABELS) == NUM_CLASSES, OBJECT_INFO_FILE
 
 
 def ade20k_mask_map(mask: np.ndarray) -> np.ndarray:

@@ -30,18 +30,8 @@ from lseg_jax.data import fewshot
 
 # lang-seg `label_files/fewshot_coco.txt`, the names fed to the text encoder
 # (COCO category order; mask value k+1 is class k).
-COCO_LABELS: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck",
-    "boat", "trafficlight", "firehydrant", "stopsign", "parkingmeter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
-    "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sportsball", "kite", "baseballbat", "baseballglove", "skateboard", "surfboard", "tennisracket", "bottle",
-    "wineglass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hotdog", "pizza", "donut", "cake",
-    "chair", "sofa", "pottedplant", "bed", "diningtable", "toilet", "tvmonitor", "laptop",
-    "mouse", "remote", "keyboard", "cellphone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddybear", "hairdrier", "toothbrush",
-)
+COCO_LABELS: tuple[str, ...] = fewshot.read_label_file(
+    epath.Path(__file__).parent / "label_files" / "fewshot_coco.txt")
 NUM_CLASSES = len(COCO_LABELS)
 
 INSTRUCTIONS = """\

@@ -38,10 +38,8 @@ from lseg_jax.data import fewshot
 
 # lang-seg `label_files/fewshot_pascal.txt`, the names fed to the text encoder
 # (VOC order; mask value k+1 is class k).
-PASCAL_LABELS: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
+PASCAL_LABELS: tuple[str, ...] = fewshot.read_label_file(
+    epath.Path(__file__).parent / "label_files" / "fewshot_pascal.txt")
 NUM_CLASSES = len(PASCAL_LABELS)
 
 INSTRUCTIONS = """\
