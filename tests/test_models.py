@@ -361,6 +361,27 @@ def test_sides_not_multiple_of_32_are_an_error(tiny, hw):
     model.apply(variables, np.zeros((1, *hw, 3), np.float32), np.ones((2, 32), np.float32))
 
 
+@pytest.mark.parametrize("patch", [8, 32])
+def test_other_patch_sizes_resample_to_the_level_strides(patch):
+  # Patch 8 needs a x2 transposed conv and a stride-4 conv, patch 32 (ViT-B/32) x8.
+  config = get_model_config("tiny")
+  config.vit.patch_size = patch
+  model = build_model(config)
+  images, text = np.zeros((1, 64, 96, 3), np.float32), np.ones((3, 32), np.float32)
+  logits, state = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0), images, text, capture_intermediates=True))
+  levels = [state["intermediates"]["reassemble"][f"level{i}"]["__call__"][0].shape for i in range(1, 5)]
+  assert levels == [(1, 64 // s, 96 // s, c) for s, c in zip((4, 8, 16, 32), config.channels)]
+  assert logits.shape == (1, 64, 96, 3)
+
+
+def test_patch_size_not_a_power_of_two_is_an_error():
+  config = get_model_config("tiny")
+  config.vit.patch_size = 12
+  with pytest.raises(ValueError, match="power-of-two patch size.*got 12"):
+    build_model(config).init(jax.random.key(0), np.zeros((1, 96, 96, 3), np.float32), np.ones((2, 32), np.float32))
+
+
 def test_unknown_backbone_is_an_error():
   with pytest.raises(ValueError, match="unknown backbone 'vit_huge'"):
     get_model_config("vit_huge")

@@ -5,8 +5,9 @@ Reassemble, per hooked block (official `act_postprocess{1..4}`):
   readout (ignore / add / project) -> [B, gh, gw, C] -> 1x1 conv -> resample
   to the level's stride 4, 8, 16, 32. With patch p the resampling factor is
   p / stride: a kernel == stride transposed conv when > 1, nothing when 1,
-  a 3x3 stride-2 conv (padding 1) when 1/2. ViT-L/16 gives x4, x2, 1, 1/2;
-  ViT-B/32 gives x8, x4, x2, 1, exactly the official per-backbone tables.
+  a 3x3 stride-1/factor conv (padding 1) when < 1. ViT-L/16 gives x4, x2, 1,
+  1/2; ViT-B/32 gives x8, x4, x2, 1, exactly the official per-backbone tables.
+  Other patch sizes (8 gives x2, 1, 1/2, 1/4) extend the same rule.
 
 Fusion: a 3x3 conv (no bias) per level to `features` channels, then four
 FeatureFusionBlocks from the coarsest level: add the skip after a residual
@@ -63,7 +64,7 @@ class ReassembleLevel(nn.Module):
     if self.factor > 1:
       x = layers.PatchUpsample(self.features, int(self.factor), name="resample", **kw)(x)
     elif self.factor < 1:
-      x = layers.conv(self.features, 3, stride=2, padding=1, name="resample", **kw)(x)
+      x = layers.conv(self.features, 3, stride=round(1 / self.factor), padding=1, name="resample", **kw)(x)
     return x  # [B, gh * factor, gw * factor, features]
 
 
@@ -77,6 +78,9 @@ class Reassemble(nn.Module):
 
   @nn.compact
   def __call__(self, hooked: Sequence[jax.Array], grid: tuple[int, int]) -> list[jax.Array]:
+    if self.patch_size & (self.patch_size - 1) or not 1 <= self.patch_size <= 32:
+      raise ValueError(f"DPT needs a power-of-two patch size up to 32 (level strides {LEVEL_STRIDES}); "
+                       f"got {self.patch_size}.")
     return [
         ReassembleLevel(self.readout, c, self.patch_size / stride, name=f"level{i + 1}",
                         dtype=self.dtype, param_dtype=self.param_dtype)(tokens, grid)
