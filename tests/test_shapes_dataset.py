@@ -119,3 +119,15 @@ def test_shape_geometry_is_consistent():
   for name, value in expected.items():
     assert areas[name] == pytest.approx(value, rel=0.03), name
   assert 0.2 < areas["star"] < 0.5
+
+
+def test_backgrounds_follow_the_config():
+  """`backgrounds` picks the texture kinds: a checkerboard has two colours, a
+  gradient many; an unknown kind is an error naming it."""
+  rng = np.random.default_rng(0)
+  checker = shapes._background(rng, 64, 64, ("checker",))
+  gradient = shapes._background(rng, 64, 64, ("gradient",))
+  assert len(np.unique(checker.reshape(-1, 3), axis=0)) == 2
+  assert len(np.unique(gradient.reshape(-1, 3), axis=0)) > 20
+  with pytest.raises(ValueError, match="background 'plaid'"):
+    shapes._background(rng, 64, 64, ("plaid",))

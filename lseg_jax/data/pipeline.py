@@ -46,7 +46,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   """Every key `make_loader` understands, with its default."""
   c = ml_collections.ConfigDict()
   c.dataset = "lseg_shapes"  # a registered name (lseg_jax.data.registered())
-  c.builder_config = config_dict.placeholder(str)  # TFDS builder config name / object; None = the dataset's default
+  c.builder_config = config_dict.placeholder(str)  # TFDS builder config name; None = the dataset's default
   c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.manual_dir = config_dict.placeholder(str)  # for TFDS datasets with manual downloads
   c.prepare = True  # download_and_prepare when the data is missing

@@ -116,8 +116,7 @@ def tfds_source(tfds_name: str, *, builder_config: str | None = None) -> Source:
 
   Reads from the input config: `data_dir` (None = the TFDS default),
   `manual_dir`, `prepare` (download_and_prepare when missing) and
-  `builder_config` (overrides the one given here; a TFDS config name or a
-  `BuilderConfig` object).
+  `builder_config` (a TFDS builder config name; overrides the one given here).
   """
   def source(input_config: Any, split: str) -> Sequence[Record]:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
