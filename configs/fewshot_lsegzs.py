@@ -19,8 +19,6 @@ COCO after 4 epochs; the author advises early stopping and an LR sweep
 (lang-seg #36). The LR below is the supervised recipe's formula: sweep it.
 """
 
-import ml_collections
-
 from lseg_jax import config_lib
 from lseg_jax.models import get_model_config
 
@@ -29,12 +27,7 @@ PAPER_MIOU = {"pascal5i": (52.8, 53.8, 44.4, 38.5), "coco20i": (22.1, 25.1, 24.9
 
 
 def get_config(arg: str | None = None):
-  args = ml_collections.ConfigDict(dict(dataset="pascal5i", fold=0, backbone="clip_resnet101"))
-  for item in filter(None, (arg or "").split(",")):
-    key, value = item.split("=")
-    if key not in args:
-      raise ValueError(f"unknown config argument {key!r}; known: {list(args)}")
-    args[key] = type(args[key])(value)
+  args = config_lib.parse_arg(arg, dataset="pascal5i", fold=0, backbone="clip_resnet101")
   if args.dataset not in PAPER_MIOU:
     raise ValueError(f"dataset={args.dataset!r} is not one of {list(PAPER_MIOU)}")
   config = config_lib.base_config()

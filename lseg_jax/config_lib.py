@@ -27,6 +27,19 @@ SHARDING_RULES = (
 )
 
 
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """A config's `:key=value,key=value` argument over its `defaults`, each value
+  cast to its default's type (big_vision's `parse_arg`). An unknown key or a
+  malformed item is a ValueError naming it."""
+  args = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in args:
+      raise ValueError(f"bad config argument {item!r}: expected key=value with a key in {list(args)}")
+    args[key] = type(args[key])(value)
+  return args
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults every config overrides where it needs to."""
   config = ml_collections.ConfigDict()
