@@ -77,5 +77,11 @@ def test_fewshot_config_trains_on_episodes(tmp_path, arg):
 
 
 def test_config_arguments_are_checked():
-  with pytest.raises(ValueError, match="folds"):
+  with pytest.raises(ValueError, match="'folds=1'.*'fold'"):
     load_config("fewshot_lsegzs.py", "folds=1")
+  with pytest.raises(ValueError, match="'fold'.*expected key=value"):
+    load_config("fewshot_lsegzs.py", "fold")
+  with pytest.raises(ValueError, match="backbone"):
+    load_config("demo.py", "backbone=vit_huge")
+  assert load_config("demo.py", "backbone=tiny")[0].model.kind == "vit"
+  assert load_config("demo.py")[0].model.backbone == "small_resnet"

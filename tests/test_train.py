@@ -31,12 +31,14 @@ def _load(path: Path, name: str):
 train = _load(ROOT / "train.py", "lseg_train")
 demo = _load(ROOT / "configs" / "demo.py", "lseg_demo_config")
 
-# Flags that shrink the demo config to a few-second run on the tiny build.
+# The demo config with the tiny ViT (its transformer exercises the FSDP and
+# tensor sharding rules), and flags that shrink it to a few-second run.
+DEMO_ARG = "backbone=tiny"
 TINY = dict(total_steps=6, log_every=1, ckpt_every=2, keep_ckpts=3, lr=3e-3)
 
 
 def tiny_config(shapes_config: dict, **overrides):
-  config = demo.get_config()
+  config = demo.get_config(DEMO_ARG)
   config.input.update({k: v for k, v in shapes_config.items()})
   config.input.batch_size = 8
   config.evals.batch_size = 8
@@ -48,7 +50,7 @@ def flag_args(shapes_config: dict, **overrides) -> list[str]:
   """The same tiny config as command-line overrides of configs/demo.py."""
   args = {**{f"input.{k}": v for k, v in shapes_config.items()}, "input.batch_size": 8,
           "evals.batch_size": 8, **TINY, **overrides}
-  return [f"--config.{k}={v}" for k, v in args.items()]
+  return [f"--config=configs/demo.py:{DEMO_ARG}", *(f"--config.{k}={v}" for k, v in args.items())]
 
 
 def losses_by_step(workdir: Path) -> dict[int, dict]:

@@ -24,11 +24,10 @@ import ml_collections
 import numpy as np
 
 from lseg_jax.convert import rules as R
-from lseg_jax.models import BACKBONES, abstract_variables, get_model_config
+from lseg_jax.models import BACKBONES, OFFICIAL_BACKBONES, abstract_variables, get_model_config
 from lseg_jax.models.presets import CLIP_TEXT
 
 StateDict = Mapping[str, np.ndarray]
-OFFICIAL_BACKBONES = tuple(b for b in BACKBONES if not b.startswith("tiny"))
 
 
 class ConversionError(ValueError):

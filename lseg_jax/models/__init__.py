@@ -8,11 +8,11 @@ import ml_collections
 from lseg_jax.models.clip_text import CLIPTextEncoder
 from lseg_jax.models.dpt import READOUTS, Fusion, Reassemble
 from lseg_jax.models.lseg import ACTIVATIONS, ARCH_OPTIONS, LSeg, LSegHead
-from lseg_jax.models.presets import BACKBONES, get_model_config
+from lseg_jax.models.presets import BACKBONES, OFFICIAL_BACKBONES, get_model_config
 from lseg_jax.models.resnet import ResNet
 from lseg_jax.models.vit import REMAT_POLICIES, ViT
 
-__all__ = ["BACKBONES", "LSeg", "abstract_variables", "build_model", "get_model_config", "init_inputs"]
+__all__ = ["BACKBONES", "LSeg", "OFFICIAL_BACKBONES", "abstract_variables", "build_model", "get_model_config", "init_inputs"]
 
 
 def _check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:

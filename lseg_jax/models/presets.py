@@ -31,10 +31,14 @@ _BACKBONES = {
     "tiny": ("vit", dict(patch_size=16, width=32, num_heads=2, mlp_dim=64, hooks=(0, 1, 2, 3), pretrain_grid=8),
              (8, 16, 32, 32), "tiny"),
     "tiny_resnet": ("resnet", dict(stage_sizes=(1, 1, 1, 1), width=4), (16, 32, 64, 128), "tiny"),
+    # The offline demo's backbone: learns lseg_shapes from scratch in CPU minutes.
+    "small_resnet": ("resnet", dict(stage_sizes=(1, 1, 1, 1), width=8), (32, 64, 128, 256), "tiny"),
 }
 CLIP_TEXT["tiny"] = dict(vocab_size=49408, context_length=77, width=32, depth=2, num_heads=2, embed_dim=32)
 
 BACKBONES = tuple(_BACKBONES)
+# The released LSeg networks (the others are ours: tests and the demo).
+OFFICIAL_BACKBONES = tuple(name for name, (*_, text) in _BACKBONES.items() if text != "tiny")
 
 
 def get_model_config(backbone: str = "clip_vitl16_384", **overrides) -> ml_collections.ConfigDict:
@@ -48,7 +52,7 @@ def get_model_config(backbone: str = "clip_vitl16_384", **overrides) -> ml_colle
       **{kind: dict(image)},  # `vit` or `resnet` settings
       channels=channels,  # widths of the 4 levels entering the fusion decoder
       readout="project",
-      features=256 if backbone not in ("tiny", "tiny_resnet") else 16,
+      features=16 if text == "tiny" else 256,
       use_bn=True,  # LSegNet always sets it
       text=dict(CLIP_TEXT[text]),
       arch_option=0,  # spatial regularisation: 0 none, 1 bottleneck, 2 depthwise
