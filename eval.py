@@ -130,11 +130,9 @@ def main(argv):
   del argv
   if not (_WORKDIR.value or _CHECKPOINT.value):
     raise app.UsageError("give --workdir (a training run) or --checkpoint (a model directory)")
-  config = _CONFIG.value
+  config = _CONFIG.value or (_WORKDIR.value and checkpoint.read_run_config(_WORKDIR.value))
   if config is None:
-    if not _WORKDIR.value or not (Path(_WORKDIR.value) / "config.json").is_file():
-      raise app.UsageError("give --config, or a --workdir written by train.py (it holds config.json)")
-    config = ml_collections.ConfigDict(json.loads((Path(_WORKDIR.value) / "config.json").read_text()))
+    raise app.UsageError("give --config, or a --workdir written by train.py (it holds config.json)")
   model_config, variables = checkpoint.load_model(_CHECKPOINT.value or _WORKDIR.value)
   model = build_model(model_config)
   label_names = data.label_names(config.input)

@@ -75,7 +75,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   if host0:
     logging.info("workdir: %s", workdir)
     print(f"workdir: {workdir}", flush=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (workdir / checkpoint.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
   (workdir / checkpoint.MODEL_CONFIG).write_text(config.model.to_json(indent=2))
 
   # ------------------------------------------------------------ mesh

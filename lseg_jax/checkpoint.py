@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from lseg_jax.models import abstract_variables
 
 MODEL_CONFIG = "model_config.json"
+RUN_CONFIG = "config.json"  # a training workdir's whole config (train.py)
 
 
 def save_model(directory: str | os.PathLike, variables: dict, model_config: ml_collections.ConfigDict,
@@ -53,6 +54,13 @@ def read_model_config(directory: str | os.PathLike) -> ml_collections.ConfigDict
     raise FileNotFoundError(f"{path} not found: {directory} is not a model directory written by "
                             "`python -m lseg_jax.convert` or train.py")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def read_run_config(directory: str | os.PathLike) -> ml_collections.ConfigDict | None:
+  """The training config train.py wrote into a workdir; None for a directory
+  without one (a converted model)."""
+  path = Path(directory) / RUN_CONFIG
+  return ml_collections.ConfigDict(json.loads(path.read_text())) if path.is_file() else None
 
 
 def _restore_on_host(path: Path) -> dict:

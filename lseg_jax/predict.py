@@ -79,6 +79,16 @@ def overlay_with_legend(image: np.ndarray, ids: np.ndarray, names: Sequence[str]
   return canvas
 
 
+def input_normalization(checkpoint_path: str, model_config) -> str:
+  """The normalisation the model was trained with: a training run's own
+  (its config.json), else the official one for the backbone (ImageNet
+  statistics for the ResNet, CLIP's 0.5 / 0.5 for the ViTs)."""
+  run = checkpoint.read_run_config(checkpoint_path)
+  if run is not None:
+    return run.input.normalization
+  return "imagenet" if model_config.kind == "resnet" else "clip"
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m lseg_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   forward = inference.make_window_forward(model, variables, text, chunk=2)
   ms = inference.MultiScale(scales=scales, flip=args.flip, base_size=args.base_size, crop_size=args.crop_size)
-  mean, std = transforms.normalization_stats("imagenet" if config.kind == "resnet" else "clip")
+  mean, std = transforms.normalization_stats(input_normalization(args.checkpoint, config))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   colours = palette(len(names))

@@ -13,6 +13,7 @@ from PIL import Image
 import pytest
 
 from lseg_jax import inference, metrics, predict
+from lseg_jax.models import get_model_config
 from lseg_jax.models.layers import resize_bilinear_np
 from test_train import tiny_config, train
 
@@ -192,6 +193,18 @@ def test_predict_writes_maps_of_the_image_size(trained, tmp_path, capsys):
     logits = np.load(out / f"{name}_logits.npy")
     assert logits.shape == (h, w, 3)
     np.testing.assert_array_equal(np.argmax(logits, -1), np.load(out / f"{name}_ids.npy"))
+
+
+def test_predict_normalizes_as_the_model_was_trained(trained, tmp_path):
+  """A training run's own normalisation (the demo trains a ResNet on CLIP
+  statistics); the official one by backbone for a converted model."""
+  workdir, _ = trained
+  resnet = get_model_config("tiny_resnet")
+  (tmp_path / "config.json").write_text(json.dumps({"input": {"normalization": "clip"}}))
+  assert predict.input_normalization(str(tmp_path), resnet) == "clip"
+  assert predict.input_normalization(str(workdir), resnet) == "clip"  # a real train.py workdir
+  assert predict.input_normalization(str(tmp_path / "converted"), resnet) == "imagenet"
+  assert predict.input_normalization(str(tmp_path / "converted"), get_model_config("tiny")) == "clip"
 
 
 @pytest.mark.parametrize("case", ["empty_labels", "garbage_image", "missing_image", "not_a_model", "bad_template",
