@@ -45,12 +45,21 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
   return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
+def _axis_names(axes) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, a mesh axis name or several) as a tuple."""
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  """How many ways a PartitionSpec entry splits its dimension."""
+  return int(np.prod([mesh.shape[a] for a in _axis_names(axes)]))
+
+
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """Drops the mesh axes of any dimension they do not divide."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    size = _axis_size(mesh, axes)
     out.append(axes if size > 1 and dim % size == 0 else None)
   return P(*out)
 
@@ -59,8 +68,7 @@ def mesh_rules(mesh: Mesh, rules: Rules) -> Rules:
   """`rules` restricted to the axes `mesh` has: one rule table serves meshes
   with or without, say, a `tensor` axis."""
   def keep(axes):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    names = tuple(a for a in names if a in mesh.axis_names)
+    names = tuple(a for a in _axis_names(axes) if a in mesh.axis_names)
     return names[0] if len(names) == 1 else (names or None)
   return tuple((logical, keep(axes)) for logical, axes in rules)
 
@@ -83,9 +91,7 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def batch_devices(mesh: Mesh, rules: Rules) -> int:
   """How many ways `batch_sharding` splits the batch axis."""
-  axes = batch_sharding(mesh, rules).spec[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return int(np.prod([mesh.shape[a] for a in axes]))
+  return _axis_size(mesh, batch_sharding(mesh, rules).spec[0])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
