@@ -84,11 +84,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   batch_sharding = sharding.batch_sharding(mesh, rules)
   accum = config.get("grad_accum_steps", 1)
   batch_devices = sharding.batch_devices(mesh, rules)
-  for key, size in (("input.batch_size", config.input.batch_size), ("evals.batch_size", config.evals.batch_size)):
-    multiple = batch_devices * (accum if key == "input.batch_size" else 1)
+  for key, size, multiple, why in (
+      ("input.batch_size", config.input.batch_size, batch_devices * accum, f" x grad_accum_steps={accum}"),
+      ("evals.batch_size", config.evals.batch_size, batch_devices, "")):
     if size % multiple:
-      raise ValueError(f"{key}={size} must be a multiple of {multiple} (the devices the batch is split over"
-                       + (f" x grad_accum_steps={accum})" if key == "input.batch_size" else ")"))
+      raise ValueError(f"{key}={size} must be a multiple of {multiple} (the devices the batch is split over{why})")
   to_global = functools.partial(data.make_global_batch, mesh=mesh, rules=rules)
 
   # ------------------------------------------------------------ input

@@ -184,3 +184,16 @@ def test_config_typo_is_named():
   proc = run_script(["--config.input.crop_sise=64"])
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0 and "crop_sise" in out
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(input_batch=12), r"input\.batch_size=12 must be a multiple of 8 \(.* x grad_accum_steps=1\)"),
+    (dict(input_batch=8, grad_accum_steps=2), r"input\.batch_size=8 must be a multiple of 16"),
+    (dict(evals_batch=4), r"evals\.batch_size=4 must be a multiple of 8 \(the devices the batch is split over\)"),
+])
+def test_batch_not_divisible_over_the_devices_is_a_config_error(shapes_config, tmp_path, overrides, message):
+  config = tiny_config(shapes_config, **{k: v for k, v in overrides.items() if "_batch" not in k})
+  config.input.batch_size = overrides.get("input_batch", 8)
+  config.evals.batch_size = overrides.get("evals_batch", 8)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, tmp_path)
