@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 
 from lseg_jax.data import fewshot
 
-OBJECT_INFO_FILE = epath.Path(__file__).parent / "label_files" / "ade20k_objectInfo150.txt"
+OBJECT_INFO_FILE = fewshot.LABEL_FILES_DIR / "ade20k_objectInfo150.txt"
 NUM_CLASSES = 150
 
 

@@ -30,8 +30,7 @@ from lseg_jax.data import fewshot
 
 # lang-seg `label_files/fewshot_coco.txt`, the names fed to the text encoder
 # (COCO category order; mask value k+1 is class k).
-COCO_LABELS: tuple[str, ...] = fewshot.read_label_file(
-    epath.Path(__file__).parent / "label_files" / "fewshot_coco.txt")
+COCO_LABELS: tuple[str, ...] = fewshot.read_label_file(fewshot.LABEL_FILES_DIR / "fewshot_coco.txt")
 NUM_CLASSES = len(COCO_LABELS)
 
 INSTRUCTIONS = """\

@@ -49,6 +49,7 @@ OTHERS = "others"  # the background prompt of every zero-shot episode
 N_FOLDS = 4
 IGNORE_VALUE = 255  # stored value of ignored pixels (PASCAL object boundaries)
 ZS_IMAGE_SIZE = 480  # the zero-shot input size of the official evaluation
+LABEL_FILES_DIR = epath.Path(__file__).parent / "label_files"  # lang-seg's label_files/, shipped
 
 # Number of classes of each fold-based benchmark.
 _NUM_CLASSES = {"pascal": 20, "coco": 80}

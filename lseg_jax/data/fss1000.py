@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from lseg_jax.data import fewshot
 
-LABEL_FILE = epath.Path(__file__).parent / "label_files" / "fewshot_fss.txt"
+LABEL_FILE = fewshot.LABEL_FILES_DIR / "fewshot_fss.txt"
 FSS_LABELS: tuple[str, ...] = fewshot.read_label_file(LABEL_FILE)  # 1000 names, underscores kept
 # Class-id ranges of HSNet's splits (`DatasetFSS.build_class_ids`).
 SPLIT_CLASS_RANGES = {"train": range(0, 520), "validation": range(520, 760), "test": range(760, 1000)}

@@ -38,8 +38,7 @@ from lseg_jax.data import fewshot
 
 # lang-seg `label_files/fewshot_pascal.txt`, the names fed to the text encoder
 # (VOC order; mask value k+1 is class k).
-PASCAL_LABELS: tuple[str, ...] = fewshot.read_label_file(
-    epath.Path(__file__).parent / "label_files" / "fewshot_pascal.txt")
+PASCAL_LABELS: tuple[str, ...] = fewshot.read_label_file(fewshot.LABEL_FILES_DIR / "fewshot_pascal.txt")
 NUM_CLASSES = len(PASCAL_LABELS)
 
 INSTRUCTIONS = """\
