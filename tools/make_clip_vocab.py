@@ -36,35 +36,14 @@ import gzip
 import json
 from pathlib import Path
 
+from lseg_jax.tokenizer import bytes_to_unicode
+
 NUM_MERGES = 49152 - 256 - 2  # 48,894, as in OpenAI's simple_tokenizer
 VOCAB_SIZE = 49408
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lseg_jax" / "assets" / "clip_bpe"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-  """Map every byte 0..255 to a printable unicode character (GPT-2 scheme).
-
-  Printable Latin-1 bytes map to themselves; the remaining bytes map, in
-  increasing byte order, to code points 256, 257, ...  The dict's insertion
-  order (printable bytes first, then the others) is the vocabulary order.
-  """
-  printable = (
-    list(range(ord("!"), ord("~") + 1))
-    + list(range(ord("¡"), ord("¬") + 1))
-    + list(range(ord("®"), ord("ÿ") + 1))
-  )
-  byte_values = list(printable)
-  code_points = list(printable)
-  extra = 0
-  for b in range(256):
-    if b not in printable:
-      byte_values.append(b)
-      code_points.append(256 + extra)
-      extra += 1
-  return {b: chr(c) for b, c in zip(byte_values, code_points)}
 
 
 def read_merges(bpe_gz: Path) -> list[tuple[str, str]]:
