@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from lseg_jax import data
+from lseg_jax.data import fewshot
 from lseg_jax.data import pipeline
 from lseg_jax.data import shapes
 from lseg_jax.data import transforms
@@ -377,6 +378,100 @@ def test_variable_label_sets_share_a_batch(fake_dataset):
   with pytest.raises(ValueError, match="more than max_labels=2"):
     list(iter(data.make_loader(dict(dataset=name, eval_mode="none", max_labels=2), "val",
                                global_batch_size=3, seed=0, train=False, shard_index=0, shard_count=1)))
+
+
+# ------------------------------------------------------ training episodes
+
+# (image name, class): class 0 has 3 images, class 1 two (image "a" is in
+# both classes), class 2 four; record 9 is dropped by the whole-batch cut.
+_EPISODE_ENTRIES = [("a", 0), ("b", 0), ("a", 1), ("c", 2), ("d", 1), ("e", 2), ("c", 0), ("f", 2), ("g", 2)]
+
+
+def _episode_records(entries, size: int = 16) -> list[dict]:
+  """Few-shot records (image, stored 0/1/255 mask, class_id, file_name) whose
+  constant image value is the record number (1..n); column 0 is a boundary."""
+  records = []
+  for i, (name, c) in enumerate(entries):
+    mask = np.zeros((size, size, 1), np.uint8)
+    mask[:, size // 2:] = 1
+    mask[:, 0] = fewshot.STORED_IGNORE
+    records.append({"image": np.full((size, size, 3), i + 1, np.uint8), "mask": mask, "class_id": c,
+                    "file_name": name})
+  return records
+
+
+@pytest.fixture
+def episodes_dataset(fake_dataset):
+  """An in-memory dataset registered as the few-shot ones are (pairs in training)."""
+  return fake_dataset("episodes_ds", _episode_records(_EPISODE_ENTRIES), labels=("others", "x", "y", "z"),
+                      example_fn=fewshot.episode_example, train_example_fn=fewshot.episode_train_example,
+                      train_pairs=data.TrainPairs())
+
+
+def _episode_cfg(name):
+  return dict(dataset=name, crop_size=16, train_mode="resize", eval_mode="resize", max_labels=2)
+
+
+def test_training_batches_are_support_query_episodes(episodes_dataset):
+  """B images = B / 2 episodes, support then query, of one class, from two
+  different images; every record is the query once per epoch."""
+  cfg = _episode_cfg(episodes_dataset)
+  batches = list(iter(data.make_loader(cfg, "train", global_batch_size=4, seed=0, train=True,
+                                       shard_index=0, shard_count=1, num_epochs=2)))
+  assert len(batches) == 8  # 8 of the 9 records per epoch, 2 episodes per batch
+  ids = _ids(batches)  # record numbers, 1-based
+  queries = []
+  for b in batches:
+    np.testing.assert_array_equal(b["label_ids"][0::2], b["label_ids"][1::2])  # support and query: one class
+    assert b["label_mask"].all()
+  for support, query in zip(ids[0::2], ids[1::2]):
+    (s_name, s_class), (q_name, q_class) = _EPISODE_ENTRIES[support - 1], _EPISODE_ENTRIES[query - 1]
+    assert s_class == q_class and s_name != q_name
+    queries.append(query)
+  label_ids = np.concatenate([b["label_ids"] for b in batches])
+  np.testing.assert_array_equal(label_ids[:, 1], [_EPISODE_ENTRIES[i - 1][1] + 1 for i in ids])
+  assert sorted(queries[:8]) == sorted(queries[8:]) == list(range(1, 9)) and queries[:8] != queries[8:]
+  # Training folds the boundary (column 0) into "others": no pixel is ignored.
+  masks = np.concatenate([b["mask"] for b in batches])
+  assert (masks[:, :, 0] == 0).all() and (masks[:, :, 8:] == 1).all() and (masks[:, :, 1:8] == 0).all()
+  evaluation = next(iter(data.make_loader(cfg, "test", global_batch_size=3, seed=0, train=False,
+                                          shard_index=0, shard_count=1)))
+  assert _ids([evaluation]) == [1, 2, 3]  # queries only, in order
+  assert (evaluation["mask"][:, :, 0] == -1).all() and (evaluation["mask"][:, :, 8:] == 1).all()
+  assert data.num_examples(cfg, "train", train=True) == 18 and data.num_examples(cfg, "train") == 9
+
+
+def test_training_episodes_are_reproducible_resumable_and_process_independent(episodes_dataset):
+  cfg = _episode_cfg(episodes_dataset)
+  kw = dict(global_batch_size=4, seed=3, train=True, num_epochs=2)
+  whole = list(iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **kw)))
+  _assert_batches_equal(whole, list(iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **kw))))
+  other_seed = list(iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **{**kw, "seed": 4})))
+  assert _ids(whole) != _ids(other_seed)
+  for count in (2, 4):  # 4 processes: one image each, the pair split over two processes
+    parts = [list(iter(data.make_loader(cfg, "train", shard_index=i, shard_count=count, **kw)))
+             for i in range(count)]
+    for w, *p in zip(whole, *parts, strict=True):
+      for key in w:
+        np.testing.assert_array_equal(w[key], np.concatenate([x[key] for x in p]))
+  it = iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **kw))
+  for _ in range(5):  # into the second epoch
+    next(it)
+  state = it.get_state()
+  restored = iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **kw))
+  restored.set_state(state)
+  _assert_batches_equal(whole[5:], list(restored))
+
+
+def test_training_episodes_reject_odd_batches_and_lone_classes(episodes_dataset, fake_dataset):
+  cfg = _episode_cfg(episodes_dataset)
+  with pytest.raises(ValueError, match="2 per training episode.*must be even, got 3"):
+    data.make_loader(cfg, "train", global_batch_size=3, seed=0, train=True, shard_index=0, shard_count=1)
+  lone = fake_dataset("lone_class", _episode_records([("a", 0), ("b", 0), ("c", 1)]), labels=("o", "x", "y"),
+                      example_fn=fewshot.episode_example, train_pairs=data.TrainPairs())
+  with pytest.raises(ValueError, match=r"lone_class/train: class 1 has a single training image \('c'\)"):
+    data.make_loader(_episode_cfg(lone), "train", global_batch_size=2, seed=0, train=True, shard_index=0,
+                     shard_count=1)
 
 
 def test_ade20k_mask_convention():

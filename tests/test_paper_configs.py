@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 from etils import epath
+import numpy as np
 import pytest
+
+from lseg_jax import data
 
 from test_real_builders import _ade_tree, _pascal_tree
 from test_train import train
@@ -56,16 +59,31 @@ def test_ade20k_config_is_the_official_recipe_and_trains(tmp_path):
 
 
 @pytest.mark.parametrize("arg", ["dataset=pascal5i,fold=0"])
-def test_fewshot_config_trains_on_episodes(tmp_path, arg):
+def test_fewshot_config_trains_on_episodes(tmp_path, arg, monkeypatch):
   config, doc = load_config("fewshot_lsegzs.py", arg)
   assert config.paper_miou == 52.8 and config.model.backbone == "clip_resnet101"
   assert config.input.builder_config == "fold0" and config.input.normalization == "imagenet"
+  # The official schedule: stop after 4 epochs, poly over max_epochs (200); the LR is the release's open point.
+  assert (config.total_epochs, config.schedule.horizon_epochs) == (4.0, 200.0)
+  assert config.input.batch_size == 16 and "lang-seg #36" in doc and "tools/lr_sweep.sh" in doc
   _pascal_tree(epath.Path(tmp_path / "manual"))
   config = shrink(config, tmp_path / "tfds", tmp_path / "manual")
-  config.input.update(dict(split="train", max_labels=2))
+  config.input.update(dict(split="train", max_labels=2, batch_size=4))  # 2 episodes per step
   config.evals.split = "test"
+  calls = []  # the loaders train.py builds
+  make_loader = data.make_loader
+  monkeypatch.setattr(data, "make_loader", lambda *a, **kw: calls.append((a, kw)) or make_loader(*a, **kw))
   scores = train.train_and_evaluate(config, tmp_path / "run")
   assert 0.0 <= scores["mIoU"] <= 1.0
+  # The training batches, rebuilt from the same (deterministic) arguments:
+  # 4 images = 2 (support, query) episodes of one class each, no ignored pixel.
+  (args, kwargs), = [c for c in calls if c[1]["train"]]
+  it = iter(make_loader(*args, **kwargs))
+  for _ in range(config.total_steps):
+    batch = next(it)
+    assert batch["image"].shape[0] == 4
+    np.testing.assert_array_equal(batch["label_ids"][0::2], batch["label_ids"][1::2])
+    assert not np.array_equal(batch["image"][0], batch["image"][1]) and (batch["mask"] >= 0).all()
   # eval.py's zero-shot protocol on the same run: HSNet mIoU and FB-IoU over the fold's test classes.
   proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(tmp_path / "run"),
                          "--protocol", "fewshot"], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
@@ -74,6 +92,13 @@ def test_fewshot_config_trains_on_episodes(tmp_path, arg):
   result = json.loads((tmp_path / "run" / "eval_fewshot_test.json").read_text())
   assert 0.0 <= result["mIoU"] <= 100.0 and 0.0 <= result["FB-IoU"] <= 100.0
   assert set(result["IoU"]) == {"aeroplane", "bicycle", "bird", "boat", "bottle"}  # fold 0's test classes
+
+
+def test_fewshot_lr_sweep_command_is_checked():
+  """tools/lr_sweep.sh, the documented sweep: a wrong call is one error line and exit code 2."""
+  for args in ([], ["configs/fewshot_lsegzs.py", "/tmp/sweep"], ["configs/fewshot_lsegzs.py", "/tmp/sweep", " "]):
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "lr_sweep.sh"), *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 
 
 def test_config_arguments_are_checked():

@@ -5,9 +5,12 @@ builder with file_format="array_record" into a temporary data_dir and reads it
 back with `tfds.data_source`, offline and without TensorFlow. The label tables
 are checked against the official lang-seg label files shipped in
 `lseg_jax/data/label_files/`, and against the lang-seg mirror when this
-machine has one.
+machine has one. The registered pascal5i dataset is read back through the
+input pipeline too: training episodes (support, query) as the official
+zero-shot module, evaluation on the queries.
 """
 
+import ast
 import pickle
 import subprocess
 
@@ -17,14 +20,19 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from lseg_jax import data
 from lseg_jax.data import ade20k
 from lseg_jax.data import coco20i
 from lseg_jax.data import fewshot
+from lseg_jax.data import fewshot_builder
+from lseg_jax.data import files
 from lseg_jax.data import fss1000
 from lseg_jax.data import pascal5i
+from lseg_jax.data import tfds_utils
+from lseg_jax.data import transforms
 
 H, W = 40, 60
-LABEL_DIR = epath.Path(ade20k.__file__).parent / "label_files"
+LABEL_DIR = files.LABEL_FILES_DIR
 MIRROR = epath.Path("/work/.mirror/isl-org+lang-seg/repo")
 
 
@@ -67,6 +75,31 @@ def _by_name(source) -> dict:
     ex = source[i]
     out[ex["file_name"].decode()] = ex
   return out
+
+
+# ---------------------------------------------------------------------------
+# Module structure.
+
+
+def _data_imports(module) -> set[str]:
+  """The lseg_jax modules that `module` imports (its source, parsed)."""
+  tree = ast.parse(epath.Path(module.__file__).read_text())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module.startswith("lseg_jax"):
+      out |= {node.module} if node.module != "lseg_jax.data" else {f"lseg_jax.data.{a.name}" for a in node.names}
+  return out
+
+
+def test_data_modules_depend_one_way():
+  """File readers and TFDS helpers know no benchmark; ADE20K needs no few-shot code."""
+  assert _data_imports(files) == set() and _data_imports(tfds_utils) == set()
+  assert _data_imports(fewshot) == {"lseg_jax.losses"}
+  assert _data_imports(fewshot_builder) == {"lseg_jax.data.fewshot", "lseg_jax.data.tfds_utils"}
+  assert _data_imports(ade20k) == {"lseg_jax.data.files", "lseg_jax.data.tfds_utils"}
+  for module in (pascal5i, coco20i, fss1000):
+    assert _data_imports(module) == {"lseg_jax.data.fewshot", "lseg_jax.data.fewshot_builder",
+                                     "lseg_jax.data.files", "lseg_jax.data.tfds_utils"}, module.__name__
 
 
 # ---------------------------------------------------------------------------
@@ -275,8 +308,11 @@ def test_ade20k_errors(tmp_path):
 # PASCAL-5i.
 
 _PASCAL_VAL0 = ["2007_000001__01", "2007_000002__03", "2007_000001__05", "2007_000003__02"]
-_PASCAL_TRN = {0: ["2008_000001__02"], 1: ["2008_000001__07", "2008_000002__10"],
-               2: ["2008_000002__12"], 3: ["2008_000003__20", "2008_000001__16"]}
+# Fold 0 trains on the lines of folds 1-3: two images of each class, so every
+# training episode can draw a support image other than its query.
+_PASCAL_TRN = {0: ["2008_000001__02"], 1: ["2008_000001__07", "2008_000002__10", "2008_000003__07", "2008_000003__10"],
+               2: ["2008_000002__12", "2008_000001__12"],
+               3: ["2008_000003__20", "2008_000001__16", "2008_000002__20", "2008_000002__16"]}
 
 
 def _pascal_tree(root: epath.Path, bad_id: int | None = None) -> dict:
@@ -308,7 +344,7 @@ def _pascal_tree(root: epath.Path, bad_id: int | None = None) -> dict:
 
 def test_pascal5i_builder(tmp_path):
   masks = _pascal_tree(tmp_path / "manual")
-  config = fewshot.FewShotConfig(name="fold0_n6", fold=0, n_episodes=6, seed=0)
+  config = fewshot_builder.FewShotConfig(name="fold0_n6", fold=0, n_episodes=6, seed=0)
   _prepare(pascal5i.Pascal5iLseg, tmp_path / "data", tmp_path / "manual", config=config)
   sources = tfds.data_source("pascal5i_lseg/fold0_n6", data_dir=str(tmp_path / "data"))
   test, train = sources["test"], sources["train"]
@@ -346,7 +382,60 @@ def test_pascal5i_errors(tmp_path):
   _pascal_tree(tmp_path / "bad", bad_id=21)
   with pytest.raises(ValueError, match=r"2007_000001\.png.*\[21\]"):
     _prepare(pascal5i.Pascal5iLseg, tmp_path / "data2", tmp_path / "bad", splits=("test",),
-             config=fewshot.FewShotConfig(name="fold0_n2", fold=0, n_episodes=2))
+             config=fewshot_builder.FewShotConfig(name="fold0_n2", fold=0, n_episodes=2))
+
+
+def _pascal_input(tmp_path) -> dict:
+  """Input config of the registered pascal5i dataset on the fake tree, at the
+  fake images' width (the zero-shot square resize)."""
+  return dict(dataset="pascal5i", builder_config="fold0", data_dir=str(tmp_path / "data"),
+              manual_dir=str(tmp_path / "manual"), crop_size=W, train_mode="resize", eval_mode="resize",
+              normalization="imagenet", max_labels=2, num_threads=1)
+
+
+def _resized_mask(mask: np.ndarray) -> np.ndarray:
+  return fewshot.fewshot_resize(np.zeros((H, W, 3), np.uint8), mask, W)[1]
+
+
+def test_pascal5i_trains_on_support_query_episodes(tmp_path):
+  """As the official zero-shot module: a batch of 4 images is 2 episodes, each
+  a support then a query of one class from two different images; boundaries
+  are "others" (0) in training and ignored (-1) in evaluation."""
+  masks = _pascal_tree(tmp_path / "manual")
+  cfg = _pascal_input(tmp_path)
+  kw = dict(global_batch_size=4, seed=0, train=True, num_epochs=1)
+  batches = list(iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **kw)))
+  records = [(l.split("__")[0], int(l.split("__")[1]) - 1) for f in (1, 2, 3) for l in _PASCAL_TRN[f]]
+  assert len(batches) == len(records) // 2 == 5 and data.num_examples(cfg, "train", train=True) == 20
+  stats = transforms.normalization_stats("imagenet")
+  voc = tmp_path / "manual" / "VOC2012" / "JPEGImages"
+  expected = {name: transforms.normalize(fewshot.fewshot_resize(_pil_rgb(voc / f"{name}.jpg"), None, W)[0], *stats)
+              for name in masks}
+  rows = []  # (image name, class, mask) of every row, in order
+  for b in batches:
+    assert b["image"].shape == (4, W, W, 3) and b["label_mask"].all()
+    for image, mask, ids in zip(b["image"], b["mask"], b["label_ids"]):
+      rows.append((next(n for n, e in expected.items() if np.array_equal(e, image)), int(ids[1]) - 1, mask))
+  queries = []
+  for (s_name, s_class, s_mask), (q_name, q_class, q_mask) in zip(rows[0::2], rows[1::2]):
+    assert s_class == q_class and s_name != q_name
+    queries.append((q_name, q_class))
+    for name, mask in ((s_name, s_mask), (q_name, q_mask)):
+      resized = _resized_mask(masks[name])
+      assert (resized == fewshot.STORED_IGNORE).any()
+      np.testing.assert_array_equal(mask, (resized == q_class + 1).astype(np.int32))  # boundary -> 0
+  assert sorted(queries) == sorted(records)  # every record is the query once per epoch
+  parts = [list(iter(data.make_loader(cfg, "train", shard_index=i, shard_count=2, **kw))) for i in (0, 1)]
+  for whole, p0, p1 in zip(batches, *parts, strict=True):
+    for key in whole:
+      np.testing.assert_array_equal(whole[key], np.concatenate([p0[key], p1[key]]))
+  test = next(iter(data.make_loader(cfg, "test", global_batch_size=4, seed=0, train=False,
+                                    shard_index=0, shard_count=1)))
+  for i, (mask, ids) in enumerate(zip(test["mask"], test["label_ids"])):
+    name, c = _PASCAL_VAL0[i].split("__")
+    resized = _resized_mask(masks[name])
+    np.testing.assert_array_equal(ids, [0, int(c)])
+    np.testing.assert_array_equal(mask, np.where(resized == fewshot.STORED_IGNORE, -1, resized == int(c)))
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +476,7 @@ def _coco_tree(root: epath.Path) -> dict:
 def test_coco20i_builder(tmp_path):
   masks = _coco_tree(tmp_path / "manual")
   split_dir = tmp_path / "manual" / "hsnet_splits"  # HSNet's data/splits, given explicitly
-  config = fewshot.FewShotConfig(name="fold0_n9", fold=0, n_episodes=9, seed=0)
+  config = fewshot_builder.FewShotConfig(name="fold0_n9", fold=0, n_episodes=9, seed=0)
   _prepare(coco20i.Coco20iLseg, tmp_path / "data", tmp_path / "manual", config=config, split_dir=split_dir)
   sources = tfds.data_source("coco20i_lseg/fold0_n9", data_dir=str(tmp_path / "data"))
   episodes = coco20i.coco_episodes(split_dir, 0, n_episodes=9, seed=0)
@@ -422,7 +511,7 @@ def test_coco20i_errors(tmp_path):
   with pytest.raises(ValueError, match=r"COCO_val2014_000000000001\.png.*\[81\]"):
     _prepare(coco20i.Coco20iLseg, tmp_path / "data2", tmp_path / "manual", splits=("test",),
              split_dir=tmp_path / "manual" / "hsnet_splits",
-             config=fewshot.FewShotConfig(name="fold0_n20", fold=0, n_episodes=20))
+             config=fewshot_builder.FewShotConfig(name="fold0_n20", fold=0, n_episodes=20))
   evil = tmp_path / "evil" / "coco" / "val"
   evil.mkdir(parents=True)
   with open(evil / "fold0.pkl", "wb") as f:
@@ -481,7 +570,7 @@ def test_large_split_prepares_without_tensorflow(tmp_path, monkeypatch):
   from tensorflow_datasets.core import shuffle
   monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 2000)
   _pascal_tree(tmp_path / "manual")
-  config = fewshot.FewShotConfig(name="fold0_n30", fold=0, n_episodes=30)
+  config = fewshot_builder.FewShotConfig(name="fold0_n30", fold=0, n_episodes=30)
   _prepare(pascal5i.Pascal5iLseg, tmp_path / "data", tmp_path / "manual", config=config, splits=("test",))
   assert shuffle.MAX_MEM_BUFFER_SIZE == 2000  # restored
   test = tfds.data_source("pascal5i_lseg/fold0_n30", data_dir=str(tmp_path / "data"), split="test")

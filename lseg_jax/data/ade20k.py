@@ -29,9 +29,10 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lseg_jax.data import fewshot
+from lseg_jax.data import files
+from lseg_jax.data import tfds_utils
 
-OBJECT_INFO_FILE = fewshot.LABEL_FILES_DIR / "ade20k_objectInfo150.txt"
+OBJECT_INFO_FILE = files.LABEL_FILES_DIR / "ade20k_objectInfo150.txt"
 NUM_CLASSES = 150
 
 
@@ -81,7 +82,7 @@ def ade20k_root(manual_dir: os.PathLike | str) -> epath.Path:
   return nested if nested.is_dir() or not (manual_dir / "images").is_dir() else manual_dir
 
 
-class Ade20kLseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
+class Ade20kLseg(tfds_utils.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
   """ADE20K / SceneParse150 semantic masks (ADEChallengeData2016), read from manual_dir."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -108,9 +109,9 @@ class Ade20kLseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    root = ade20k_root(fewshot.manual_root(dl_manager, INSTRUCTIONS, "ade20k_lseg"))
+    root = ade20k_root(files.manual_root(dl_manager, INSTRUCTIONS, "ade20k_lseg"))
     dirs = [f"{kind}/{d}" for d in _SPLIT_DIRS.values() for kind in ("images", "annotations")]
-    fewshot.require_dirs(root, dirs, INSTRUCTIONS, "ade20k_lseg")
+    files.require_dirs(root, dirs, INSTRUCTIONS, "ade20k_lseg")
     return {split: self._generate_examples(root, d) for split, d in _SPLIT_DIRS.items()}
 
   def _generate_examples(self, root: epath.Path, split_dir: str):
@@ -124,13 +125,13 @@ class Ade20kLseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
       mask_path = root / "annotations" / split_dir / f"{stem}.png"
       if not mask_path.exists():
         raise FileNotFoundError(f"ade20k_lseg: {image_path} has no mask {mask_path}")
-      image, size = fewshot.read_rgb_image(image_path)
-      mask = fewshot.read_label_png(mask_path, NUM_CLASSES, extra=())
-      fewshot.check_same_size(size, mask, image_path, mask_path)
+      image, size = files.read_rgb_image(image_path)
+      mask = files.read_label_png(mask_path, NUM_CLASSES)
+      files.check_same_size(size, mask, image_path, mask_path)
       label_ids = np.unique(mask)
       yield stem, {
           "image": image,
-          "mask": fewshot.encode_png(mask),
+          "mask": files.encode_png(mask),
           "label_ids": (label_ids[label_ids > 0] - 1).astype(np.int32),
           "file_name": stem,
       }

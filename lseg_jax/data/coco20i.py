@@ -27,10 +27,13 @@ import os
 from etils import epath
 
 from lseg_jax.data import fewshot
+from lseg_jax.data import fewshot_builder
+from lseg_jax.data import files
+from lseg_jax.data import tfds_utils
 
 # lang-seg `label_files/fewshot_coco.txt`, the names fed to the text encoder
 # (COCO category order; mask value k+1 is class k).
-COCO_LABELS: tuple[str, ...] = fewshot.read_label_file(fewshot.LABEL_FILES_DIR / "fewshot_coco.txt")
+COCO_LABELS: tuple[str, ...] = files.read_label_file(files.LABEL_FILES_DIR / "fewshot_coco.txt")
 NUM_CLASSES = len(COCO_LABELS)
 
 INSTRUCTIONS = """\
@@ -54,10 +57,10 @@ def read_coco_split(split_dir: os.PathLike | str, split: str, fold: int) -> list
 
   split_dir: HSNet's `data/splits` or its `coco/` folder.
   """
-  path = (fewshot.benchmark_split_dir(split_dir, "coco") or epath.Path(split_dir)) / split / f"fold{fold}.pkl"
+  path = (fewshot_builder.benchmark_split_dir(split_dir, "coco") or epath.Path(split_dir)) / split / f"fold{fold}.pkl"
   if not path.exists():
     raise FileNotFoundError(f"COCO-20i split list {path} not found.\n{INSTRUCTIONS}")
-  data = fewshot.load_plain_pickle(path)
+  data = files.load_plain_pickle(path)
   if not isinstance(data, dict):
     raise ValueError(f"{path}: expected a dict {{class id: [image keys]}}, got {type(data).__name__}")
   entries = []
@@ -88,20 +91,20 @@ def coco_mask_path(root: epath.Path, key: str) -> epath.Path:
   return root / "COCO2014" / "annotations" / f"{stem}.png"
 
 
-class Coco20iLseg(fewshot.FoldEpisodesBuilder):
+class Coco20iLseg(fewshot_builder.FoldEpisodesBuilder):
   """COCO-20i episodes (HSNet splits) for LSeg's zero-shot protocol."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
-  BUILDER_CONFIGS = fewshot.fold_configs("coco", "COCO-20i")
+  BUILDER_CONFIGS = fewshot_builder.fold_configs("coco", "COCO-20i")
   BENCHMARK = "coco"
   LABELS = COCO_LABELS
   MASK_VALUES = {"0": fewshot.OTHERS, "1": "class"}
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    root = fewshot.manual_root(dl_manager, INSTRUCTIONS, "coco20i_lseg")
-    fewshot.require_dirs(root, ["COCO2014/annotations"], INSTRUCTIONS, "coco20i_lseg")
-    split_dir = fewshot.resolve_split_dir(self._split_dir, root, "coco", INSTRUCTIONS, "coco20i_lseg")
+    root = files.manual_root(dl_manager, INSTRUCTIONS, "coco20i_lseg")
+    files.require_dirs(root, ["COCO2014/annotations"], INSTRUCTIONS, "coco20i_lseg")
+    split_dir = fewshot_builder.resolve_split_dir(self._split_dir, root, "coco", INSTRUCTIONS, "coco20i_lseg")
     out = {}
     if "test" in self._splits:
       episodes = coco_episodes(split_dir, cfg.fold, cfg.n_episodes, cfg.seed)
@@ -118,10 +121,10 @@ class Coco20iLseg(fewshot.FoldEpisodesBuilder):
     for i, (key, class_id) in enumerate(samples):
       image_path = root / "COCO2014" / key
       mask_path = coco_mask_path(root, key)
-      image, size = fewshot.read_rgb_image(image_path)
-      raw = fewshot.read_label_png(mask_path, NUM_CLASSES)
-      fewshot.check_same_size(size, raw, image_path, mask_path)
+      image, size = files.read_rgb_image(image_path)
+      raw = files.read_label_png(mask_path, NUM_CLASSES, extra=(fewshot.STORED_IGNORE,))
+      files.check_same_size(size, raw, image_path, mask_path)
       # HSNet: mask != class+1 -> 0, so there is no ignore value.
       mask = fewshot.binary_class_mask(raw, class_id, ignore_value=None)
-      yield fewshot.ordered_key(i, len(samples)), {
-          "image": image, "mask": fewshot.encode_png(mask), "class_id": class_id, "file_name": key}
+      yield tfds_utils.ordered_key(i, len(samples)), {
+          "image": image, "mask": files.encode_png(mask), "class_id": class_id, "file_name": key}

@@ -27,9 +27,12 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from lseg_jax.data import fewshot
+from lseg_jax.data import fewshot_builder
+from lseg_jax.data import files
+from lseg_jax.data import tfds_utils
 
-LABEL_FILE = fewshot.LABEL_FILES_DIR / "fewshot_fss.txt"
-FSS_LABELS: tuple[str, ...] = fewshot.read_label_file(LABEL_FILE)  # 1000 names, underscores kept
+LABEL_FILE = files.LABEL_FILES_DIR / "fewshot_fss.txt"
+FSS_LABELS: tuple[str, ...] = files.read_label_file(LABEL_FILE)  # 1000 names, underscores kept
 # Class-id ranges of HSNet's splits (`DatasetFSS.build_class_ids`).
 SPLIT_CLASS_RANGES = {"train": range(0, 520), "validation": range(520, 760), "test": range(760, 1000)}
 _HSNET_SPLIT_FILES = {"train": "trn", "validation": "val", "test": "test"}
@@ -118,7 +121,7 @@ def check_split_files(split_dir: epath.Path) -> None:
                        "not HSNet's FSS-1000 split?")
 
 
-class Fss1000Lseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
+class Fss1000Lseg(tfds_utils.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
   """FSS-1000 (HSNet class splits) for LSeg's zero-shot protocol."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -132,7 +135,7 @@ class Fss1000Lseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
     """split_dir: optional HSNet `data/splits` to cross-check (default
     `<manual_dir>/splits` if present); splits: which splits to prepare."""
     self._split_dir = split_dir
-    self._splits = fewshot.check_splits(splits, self.SPLITS, "fss1000_lseg")
+    self._splits = tfds_utils.check_splits(splits, self.SPLITS, "fss1000_lseg")
     super().__init__(**kwargs)
 
 
@@ -140,7 +143,7 @@ class Fss1000Lseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=fewshot.episode_features(FSS_LABELS),
+        features=fewshot_builder.episode_features(FSS_LABELS),
         supervised_keys=("image", "mask"),
         homepage="https://github.com/HKUSTCV/FSS-1000",
         disable_shuffling=True,  # record i is entry i
@@ -150,8 +153,8 @@ class Fss1000Lseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    root = fewshot.manual_root(dl_manager, INSTRUCTIONS, "fss1000_lseg")
-    fewshot.require_dirs(root, ["FSS-1000"], INSTRUCTIONS, "fss1000_lseg")
+    root = files.manual_root(dl_manager, INSTRUCTIONS, "fss1000_lseg")
+    files.require_dirs(root, ["FSS-1000"], INSTRUCTIONS, "fss1000_lseg")
     base = epath.Path(self._split_dir) if self._split_dir is not None else root / "splits"
     for cand in (base / "fss", base):
       if (cand / "test.txt").exists():
@@ -166,8 +169,8 @@ class Fss1000Lseg(fewshot.TfFreePrepareMixin, tfds.core.GeneratorBasedBuilder):
     for i, (rel, class_id) in enumerate(samples):
       image_path = root / "FSS-1000" / rel
       mask_path = image_path.with_name(rel.rsplit("/", 1)[1].split(".")[0] + ".png")
-      image, size = fewshot.read_rgb_image(image_path)
+      image, size = files.read_rgb_image(image_path)
       mask = read_fss_mask(mask_path)
-      fewshot.check_same_size(size, mask, image_path, mask_path)
-      yield fewshot.ordered_key(i, len(samples)), {
-          "image": image, "mask": fewshot.encode_png(mask), "class_id": class_id, "file_name": rel}
+      files.check_same_size(size, mask, image_path, mask_path)
+      yield tfds_utils.ordered_key(i, len(samples)), {
+          "image": image, "mask": files.encode_png(mask), "class_id": class_id, "file_name": rel}

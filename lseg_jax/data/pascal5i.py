@@ -35,10 +35,13 @@ import os
 from etils import epath
 
 from lseg_jax.data import fewshot
+from lseg_jax.data import fewshot_builder
+from lseg_jax.data import files
+from lseg_jax.data import tfds_utils
 
 # lang-seg `label_files/fewshot_pascal.txt`, the names fed to the text encoder
 # (VOC order; mask value k+1 is class k).
-PASCAL_LABELS: tuple[str, ...] = fewshot.read_label_file(fewshot.LABEL_FILES_DIR / "fewshot_pascal.txt")
+PASCAL_LABELS: tuple[str, ...] = files.read_label_file(files.LABEL_FILES_DIR / "fewshot_pascal.txt")
 NUM_CLASSES = len(PASCAL_LABELS)
 
 INSTRUCTIONS = """\
@@ -61,7 +64,7 @@ def read_pascal_split(split_dir: os.PathLike | str, split: str, fold: int) -> li
 
   split_dir: HSNet's `data/splits` or its `pascal/` folder.
   """
-  path = (fewshot.benchmark_split_dir(split_dir, "pascal") or epath.Path(split_dir)) / split / f"fold{fold}.txt"
+  path = (fewshot_builder.benchmark_split_dir(split_dir, "pascal") or epath.Path(split_dir)) / split / f"fold{fold}.txt"
   if not path.exists():
     raise FileNotFoundError(f"PASCAL-5i split list {path} not found.\n{INSTRUCTIONS}")
   entries = []
@@ -91,21 +94,21 @@ def pascal_episodes(split_dir: os.PathLike | str, fold: int, n_episodes: int = 1
                                entries=pascal_entries(split_dir, fold, "test"), shot=shot)
 
 
-class Pascal5iLseg(fewshot.FoldEpisodesBuilder):
+class Pascal5iLseg(fewshot_builder.FoldEpisodesBuilder):
   """PASCAL-5i episodes (HSNet splits) for LSeg's zero-shot protocol."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
-  BUILDER_CONFIGS = fewshot.fold_configs("pascal", "PASCAL-5i")
+  BUILDER_CONFIGS = fewshot_builder.fold_configs("pascal", "PASCAL-5i")
   BENCHMARK = "pascal"
   LABELS = PASCAL_LABELS
-  MASK_VALUES = {"0": fewshot.OTHERS, "1": "class", "255": "ignore"}
+  MASK_VALUES = {"0": fewshot.OTHERS, "1": "class", str(fewshot.STORED_IGNORE): "ignore"}
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    root = fewshot.manual_root(dl_manager, INSTRUCTIONS, "pascal5i_lseg")
-    fewshot.require_dirs(root, ["VOC2012/JPEGImages", "VOC2012/SegmentationClassAug"], INSTRUCTIONS,
+    root = files.manual_root(dl_manager, INSTRUCTIONS, "pascal5i_lseg")
+    files.require_dirs(root, ["VOC2012/JPEGImages", "VOC2012/SegmentationClassAug"], INSTRUCTIONS,
                          "pascal5i_lseg")
-    split_dir = fewshot.resolve_split_dir(self._split_dir, root, "pascal", INSTRUCTIONS, "pascal5i_lseg")
+    split_dir = fewshot_builder.resolve_split_dir(self._split_dir, root, "pascal", INSTRUCTIONS, "pascal5i_lseg")
     out = {}
     if "test" in self._splits:
       episodes = pascal_episodes(split_dir, cfg.fold, cfg.n_episodes, cfg.seed)
@@ -118,9 +121,9 @@ class Pascal5iLseg(fewshot.FoldEpisodesBuilder):
     for i, (name, class_id) in enumerate(samples):
       image_path = root / "VOC2012" / "JPEGImages" / f"{name}.jpg"
       mask_path = root / "VOC2012" / "SegmentationClassAug" / f"{name}.png"
-      image, size = fewshot.read_rgb_image(image_path)
-      raw = fewshot.read_label_png(mask_path, NUM_CLASSES)
-      fewshot.check_same_size(size, raw, image_path, mask_path)
+      image, size = files.read_rgb_image(image_path)
+      raw = files.read_label_png(mask_path, NUM_CLASSES, extra=(fewshot.STORED_IGNORE,))
+      files.check_same_size(size, raw, image_path, mask_path)
       mask = fewshot.binary_class_mask(raw, class_id)  # boundary 255 stays 255
-      yield fewshot.ordered_key(i, len(samples)), {
-          "image": image, "mask": fewshot.encode_png(mask), "class_id": class_id, "file_name": name}
+      yield tfds_utils.ordered_key(i, len(samples)), {
+          "image": image, "mask": files.encode_png(mask), "class_id": class_id, "file_name": name}

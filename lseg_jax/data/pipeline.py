@@ -12,10 +12,14 @@ B = global_batch_size / shard_count, on every process and in every batch
 ignored by the loss and the metrics). With all labels on every image (ADE20K,
 lseg_shapes) mask values are label-table ids and `label_ids[b] = arange(N)`.
 
-Stages (each process reads only its shard of the source):
-  source[shard] -> shuffle(seed, reshuffled every epoch) -> repeat      (train)
+Stages (each process reads only its rows of every global batch in training,
+its shard of the source in evaluation):
+  source -> shuffle(seed, reshuffled every epoch) -> repeat            (train)
+    (datasets with `train_pairs`: each query preceded by a support of its
+    class, `pairs.episode_order`: B images = B / 2 episodes)
   -> to_example (mask mapping, label positions, RGB) -> transform
-  -> batch -> read threads -> worker processes (worker_count > 0)
+  -> this process's rows -> batch -> read threads
+  -> worker processes (worker_count > 0)
 Batches are formed before the worker processes, so they are identical for any
 worker_count; all randomness derives from (seed, shard_index) and the example
 position, so a pipeline is reproducible and resumable.
@@ -36,10 +40,10 @@ from ml_collections import config_dict
 import numpy as np
 
 from lseg_jax import sharding
+from lseg_jax.data import pairs
 from lseg_jax.data import registry
 from lseg_jax.data import transforms
-
-IGNORE_INDEX = registry.IGNORE_INDEX
+from lseg_jax.losses import IGNORE
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -129,14 +133,14 @@ def mask_to_positions(mask: np.ndarray, label_ids: np.ndarray, num_labels: int,
   mask = np.asarray(mask)
   if mask.size:
     lo, hi = int(mask.min()), int(mask.max())
-    if lo < IGNORE_INDEX or hi >= num_labels:
-      bad = lo if lo < IGNORE_INDEX else hi
+    if lo < IGNORE or hi >= num_labels:
+      bad = lo if lo < IGNORE else hi
       raise ValueError(f"{dataset}: mask value {bad} is outside the label table "
-                       f"[0, {num_labels}) and is not the ignore value {IGNORE_INDEX}.")
+                       f"[0, {num_labels}) and is not the ignore value {IGNORE}.")
   if len(label_ids) == num_labels and np.array_equal(label_ids, np.arange(num_labels)):
     return mask.astype(np.int32)
   lut = np.full(num_labels + 1, -2, np.int32)  # index = id + 1; -2 = not in the list
-  lut[0] = IGNORE_INDEX
+  lut[0] = IGNORE
   lut[label_ids + 1] = np.arange(len(label_ids), dtype=np.int32)
   positions = lut[mask.astype(np.int64) + 1]
   if (positions == -2).any():
@@ -168,14 +172,16 @@ class _ProcessRows(grain.MapDataset):
 @dataclasses.dataclass(frozen=True)
 class ToExample(grain.transforms.Map):
   """Raw record -> {"image" uint8 [H, W, 3], "mask" int32 [H, W] positions,
-  "label_ids" int32 [max_labels], "label_mask" bool [max_labels]}."""
+  "label_ids" int32 [max_labels], "label_mask" bool [max_labels]}; `train`
+  reads the record as the dataset's training does (`train_example_fn`)."""
   spec: registry.DatasetSpec
   num_labels: int
   max_labels: int
+  train: bool = False
 
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     name = self.spec.name
-    ex = self.spec.to_example(record)
+    ex = self.spec.to_example(record, self.train)
     image = transforms.ensure_rgb(ex["image"])
     mask = np.asarray(ex["mask"])
     if mask.shape != image.shape[:2]:
@@ -190,7 +196,7 @@ class ToExample(grain.transforms.Map):
       if len(np.unique(label_ids)) != len(label_ids):
         raise ValueError(f"{name}: repeated label ids {label_ids.tolist()}.")
     if isinstance(record, Mapping) and record.get(_PADDING_KEY, False):
-      mask = np.full(mask.shape, IGNORE_INDEX, np.int32)
+      mask = np.full(mask.shape, IGNORE, np.int32)
     n = len(label_ids)
     if n > self.max_labels:
       raise ValueError(f"{name}: an example has {n} labels, more than max_labels={self.max_labels}.")
@@ -219,7 +225,7 @@ def collate(examples: Sequence[Mapping[str, np.ndarray]], *, image_pad: np.ndarr
       canvas[...] = image_pad
       canvas[:image.shape[0], :image.shape[1]] = image
       image = canvas
-      mask = np.pad(mask, pad, constant_values=IGNORE_INDEX)
+      mask = np.pad(mask, pad, constant_values=IGNORE)
     images.append(image)
     masks.append(mask)
   return {
@@ -238,10 +244,17 @@ def _mark_flags_parsed(*unused_args: Any) -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def num_examples(input_config: Any, split: str) -> int:
-  """Number of examples in a split (all shards); prepares the data if needed."""
+def num_examples(input_config: Any, split: str, train: bool = False) -> int:
+  """Number of examples in a split (all shards); prepares the data if needed.
+
+  train=True: the images one training epoch yields, twice the records for a
+  dataset trained on (support, query) episodes (`train_pairs`), so that
+  `num_examples // batch_size` is the official steps per epoch.
+  """
   cfg = resolve_input_config(input_config)
-  return len(registry.get(cfg.dataset).source(cfg, split))
+  spec = registry.get(cfg.dataset)
+  n = len(spec.source(cfg, split))
+  return 2 * n if train and spec.train_pairs is not None else n
 
 
 dataset_size = num_examples
@@ -253,6 +266,25 @@ def label_names(dataset_or_config: Any) -> tuple[str, ...]:
   if isinstance(dataset_or_config, str):
     return registry.label_names(dataset_or_config)
   return registry.label_names(resolve_input_config(dataset_or_config).dataset)
+
+
+def _train_order(spec: registry.DatasetSpec, cfg: ml_collections.ConfigDict, split: str, source: Sequence[Any],
+                 global_batch_size: int, seed: int, num_epochs: int | None) -> grain.MapDataset:
+  """The global training order of raw records, the same on every process:
+  shuffled whole global batches, reshuffled every epoch; for `train_pairs`
+  datasets each query record preceded by a support of its class."""
+  name = f"{cfg.dataset}/{split}"
+  if spec.train_pairs is not None:
+    keys = (spec.train_pairs.class_key, spec.train_pairs.name_key)
+    columns = registry.read_columns(spec, cfg, split, source, keys)
+    pools = pairs.SupportPools(columns[keys[0]], columns[keys[1]], name)
+    return pairs.episode_order(source, pools, global_batch_size=global_batch_size, seed=seed,
+                               num_epochs=num_epochs, dataset=name)
+  n = len(source)
+  if n < global_batch_size:
+    raise ValueError(f"{name}: {n} examples cannot fill a batch of {global_batch_size}.")
+  ds = grain.MapDataset.source(source)[:n // global_batch_size * global_batch_size]
+  return ds.shuffle(seed=seed).repeat(num_epochs)
 
 
 def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: int, train: bool,
@@ -267,13 +299,17 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
     global_batch_size: batch over all processes; each yields
       global_batch_size // shard_count examples per batch.
     seed: shuffling and augmentation seed (mixed with shard_index).
-    train: shuffle, official random augmentation, repeat; otherwise the eval
-      transform (`eval_mode`), in order.
+    train: shuffle, official random augmentation, repeat (datasets with
+      `train_pairs`: batches of (support, query) episodes, global_batch_size
+      images = global_batch_size / 2 episodes, so it must be even);
+      otherwise the eval transform (`eval_mode`), in order.
     shard_index, shard_count: this process's shard (default: JAX process
-      index / count); each reads a disjoint, contiguous slice of the source.
-      Training: an even split, the remainder dropped. Evaluation: every
-      example exactly once; each process yields the same number of FULL
-      batches, the missing examples being padding whose mask is all -1.
+      index / count). Training: its contiguous rows of every global batch
+      (the global batches do not depend on shard_count); the records that
+      do not fill a last global batch are dropped each epoch. Evaluation: a
+      disjoint, contiguous slice of the source, every example exactly once;
+      each process yields the same number of FULL batches, the missing
+      examples being padding whose mask is all -1.
     num_epochs: None = forever for training, 1 for evaluation.
     worker_count: grain worker processes; None = `input_config.worker_count`.
 
@@ -294,18 +330,16 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
   source = spec.source(cfg, split)
   n = len(source)
   num_labels = len(spec.label_names())
-  to_example = ToExample(spec, num_labels, int(cfg.max_labels or num_labels))
+  max_labels = int(cfg.max_labels or num_labels)
   if train:
-    if n < global_batch_size:
-      raise ValueError(f"{cfg.dataset}/{split}: {n} examples cannot fill a batch of {global_batch_size}.")
-    # One global order (shuffle, epochs, augmentation keyed by global
-    # position), identical on every process; each process then reads only
-    # its rows of every global batch. The global batches, and so training,
-    # are the same for any number of processes.
-    ds = grain.MapDataset.source(source)[:n // global_batch_size * global_batch_size]
-    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(to_example)
+    # One global order (shuffle, epochs, supports, augmentation keyed by
+    # global position), identical on every process; each process then reads
+    # only its rows of every global batch. The global batches, and so
+    # training, are the same for any number of processes.
+    ds = _train_order(spec, cfg, split, source, global_batch_size, seed, num_epochs)
+    ds = ds.map(ToExample(spec, num_labels, max_labels, train=True))
     ds = ds.random_map(transforms.TrainTransform(cfg.base_size, cfg.crop_size, cfg.normalization,
-                                                          cfg.train_mode), seed=seed)
+                                                 cfg.train_mode), seed=seed)
     ds = _ProcessRows(ds, global_batch_size, local_batch, shard_index)
   else:
     if n == 0:
@@ -315,7 +349,7 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
     ds = grain.MapDataset.source(_PaddedShard(
         source, start=start, valid=max(min(per_shard, n - start), 0),
         length=-(-per_shard // local_batch) * local_batch))
-    ds = ds.repeat(num_epochs or 1).map(to_example)
+    ds = ds.repeat(num_epochs or 1).map(ToExample(spec, num_labels, max_labels))
     ds = ds.map(transforms.EvalTransform(cfg.eval_mode, cfg.crop_size, cfg.normalization))
   mean, std = transforms.normalization_stats(cfg.normalization)
   ds = ds.batch(local_batch, drop_remainder=True,  # evaluation shards are whole batches

@@ -9,7 +9,12 @@ A dataset is registered once, at import, with `register(name, ...)`:
   `record[image_key]`, the mask `mask_fn(record[mask_key])` (label-table ids,
   -1 = ignore) and the example's label list `label_set_fn(record)` (label-table
   ids; None = the whole table); or, for anything else (few-shot episodes),
-  `example_fn(record) -> {"image", "mask", "label_ids"}` doing it all.
+  `example_fn(record) -> {"image", "mask", "label_ids"}` doing it all;
+  `train_example_fn` replaces it in training where the two differ (the
+  zero-shot training folds PASCAL boundaries into "others");
+- `train_pairs`: train on (support, query) episodes as the official
+  zero-shot data module does: every training record, the query, follows a
+  support record of its class (`TrainPairs`, assembled by `pairs.py`).
 
 Examples:
   register("lseg_shapes", source=tfds_source("lseg_shapes"), labels=shapes.LABELS)
@@ -18,6 +23,10 @@ Examples:
 
 Registered functions run inside grain worker processes, which get them through
 cloudpickle: module-level functions are the safe choice.
+
+A source may also offer `columns(input_config, split, keys) -> {key: array}`
+(`TfdsSource` does): a few small fields of every record without decoding the
+images, which `read_columns` uses to index training pairs by class.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -1
 Record = Mapping[str, Any]
 Source = Callable[[Any, str], Sequence[Record]]  # (input_config, split) -> records
 
@@ -35,6 +43,20 @@ Source = Callable[[Any, str], Sequence[Record]]  # (input_config, split) -> reco
 def identity_mask(mask: np.ndarray) -> np.ndarray:
   """Raw mask values already are label-table ids (lseg_shapes)."""
   return mask.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPairs:
+  """Training on (support, query) episodes: HSNet's FSSDataset with shot=1, as
+  the official zero-shot `training_step` concatenates them.
+
+  Every training record is the query of one episode; its support is another
+  record with the same `class_key` and a different `name_key` (another
+  image of the class, never the query's own), drawn at random. A batch of B
+  images holds B / 2 episodes, support then query.
+  """
+  class_key: str = "class_id"
+  name_key: str = "file_name"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +70,20 @@ class DatasetSpec:
   image_key: str = "image"
   mask_key: str = "mask"
   example_fn: Callable[[Record], Mapping[str, Any]] | None = None
+  train_example_fn: Callable[[Record], Mapping[str, Any]] | None = None
+  train_pairs: TrainPairs | None = None
 
   def label_names(self) -> tuple[str, ...]:
     labels = self.labels() if callable(self.labels) else self.labels
     return tuple(labels)
 
-  def to_example(self, record: Record) -> dict[str, Any]:
+  def to_example(self, record: Record, train: bool = False) -> dict[str, Any]:
     """Raw record -> {"image": [H, W, C] uint8, "mask": int32 [H, W] of
-    label-table ids (-1 = ignore), "label_ids": int32 [N] or None (all)}."""
-    if self.example_fn is not None:
-      ex = dict(self.example_fn(record))
+    label-table ids (-1 = ignore), "label_ids": int32 [N] or None (all)};
+    `train` picks `train_example_fn` where there is one."""
+    example_fn = self.train_example_fn if train and self.train_example_fn is not None else self.example_fn
+    if example_fn is not None:
+      ex = dict(example_fn(record))
       ex.setdefault("label_ids", None)
       return ex
     mask = np.asarray(record[self.mask_key])
@@ -75,13 +101,14 @@ def register(name: str, *, source: Source, labels: Sequence[str] | Callable[[], 
              label_set_fn: Callable[[Record], Sequence[int]] | None = None,
              image_key: str = "image", mask_key: str = "mask",
              example_fn: Callable[[Record], Mapping[str, Any]] | None = None,
-             overwrite: bool = False) -> DatasetSpec:
+             train_example_fn: Callable[[Record], Mapping[str, Any]] | None = None,
+             train_pairs: TrainPairs | None = None, overwrite: bool = False) -> DatasetSpec:
   """Registers a dataset under `name` and returns its spec."""
   if name in _REGISTRY and not overwrite:
     raise ValueError(f"Dataset {name!r} is already registered (pass overwrite=True to replace it).")
   spec = DatasetSpec(name=name, source=source, labels=labels, mask_fn=mask_fn,
                      label_set_fn=label_set_fn, image_key=image_key, mask_key=mask_key,
-                     example_fn=example_fn)
+                     example_fn=example_fn, train_example_fn=train_example_fn, train_pairs=train_pairs)
   _REGISTRY[name] = spec
   return spec
 
@@ -110,7 +137,8 @@ def label_names(name: str) -> tuple[str, ...]:
   return get(name).label_names()
 
 
-def tfds_source(tfds_name: str, *, builder_config: str | None = None) -> Source:
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
   """A `source` reading a TFDS dataset through `tfds.data_source` (ArrayRecord,
   no TensorFlow needed).
 
@@ -118,18 +146,52 @@ def tfds_source(tfds_name: str, *, builder_config: str | None = None) -> Source:
   `manual_dir`, `prepare` (download_and_prepare when missing) and
   `builder_config` (a TFDS builder config name; overrides the one given here).
   """
-  def source(input_config: Any, split: str) -> Sequence[Record]:
+  tfds_name: str
+  builder_config: str | None = None
+
+  def __call__(self, input_config: Any, split: str, decoders: Mapping[str, Any] | None = None
+               ) -> Sequence[Record]:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    config = input_config.get("builder_config") or builder_config
+    config = input_config.get("builder_config") or self.builder_config
     builder_kwargs: dict[str, Any] = {"file_format": "array_record"}
     if config is not None:
       builder_kwargs["config"] = config
     dl_kwargs = {}
     if input_config.get("manual_dir"):
       dl_kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=input_config.manual_dir)
-    return tfds.data_source(tfds_name, split=split, data_dir=input_config.get("data_dir"),
-                            download=bool(input_config.get("prepare", True)),
-                            builder_kwargs=builder_kwargs,
-                            download_and_prepare_kwargs=dl_kwargs or None)
-  return source
+    return tfds.data_source(self.tfds_name, split=split, data_dir=input_config.get("data_dir"),
+                            download=bool(input_config.get("prepare", True)), decoders=decoders,
+                            builder_kwargs=builder_kwargs, download_and_prepare_kwargs=dl_kwargs or None)
+
+  def columns(self, input_config: Any, split: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """{key: [n] array} over all records; the other features stay undecoded
+    bytes (`tfds.decode.SkipDecoding`), so no image is decoded. Still one
+    read of the split (~1 GB for PASCAL-5i train, ~15 GB for a COCO-20i
+    fold), once per training loader."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    features = self(input_config, split).dataset_info.features
+    records = self(input_config, split, decoders={k: tfds.decode.SkipDecoding() for k in features if k not in keys})
+    values: dict[str, list[Any]] = {k: [] for k in keys}
+    for start in range(0, len(records), 1024):  # chunks: the undecoded images are dropped as we go
+      for r in records.__getitems__(range(start, min(start + 1024, len(records)))):
+        for k in keys:
+          values[k].append(r[k])
+    return {k: np.asarray(v) for k, v in values.items()}
+
+
+def tfds_source(tfds_name: str, *, builder_config: str | None = None) -> TfdsSource:
+  """The `source` of a TFDS dataset (see `TfdsSource`)."""
+  return TfdsSource(tfds_name, builder_config)
+
+
+def read_columns(spec: DatasetSpec, input_config: Any, split: str, records: Sequence[Record],
+                 keys: Sequence[str]) -> dict[str, np.ndarray]:
+  """{key: [len(records)] array} of a few small fields of every record of
+  `split`: through the source's `columns` when it has one (no image decoded),
+  else by reading `records` (in-memory sources)."""
+  columns = getattr(spec.source, "columns", None)
+  if columns is not None:
+    return columns(input_config, split, keys)
+  return {k: np.asarray([records[i][k] for i in range(len(records))]) for k in keys}

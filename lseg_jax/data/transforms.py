@@ -30,8 +30,7 @@ import numpy as np
 from PIL import Image
 
 from lseg_jax.data import fewshot
-
-IGNORE_INDEX = -1
+from lseg_jax.losses import IGNORE
 
 # (mean, std) per channel, on images scaled to [0, 1].
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -113,7 +112,7 @@ def sync_train(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *,
   if min(oh, ow) < crop_size:
     pad_h, pad_w = max(crop_size - oh, 0), max(crop_size - ow, 0)
     image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
-    mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+    mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
   h, w = mask.shape
   x1 = int(rng.integers(0, w - crop_size + 1))
   y1 = int(rng.integers(0, h - crop_size + 1))
