@@ -1,14 +1,21 @@
 """The converter against state_dicts written here in the official names and
 PyTorch layouts (LSEG_REFERENCE.md section 2), from random Flax variables of the
-tiny configs: converting them back must give the variables exactly."""
+tiny configs: converting them back must give the variables exactly. Bad files
+and destinations give the command line one `error:` line and exit code 2."""
 
+import json
+from pathlib import Path
+import pickle
 import re
+import sys
 
 import flax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lseg_jax import convert as C
+from lseg_jax import checkpoint, convert as C
+from lseg_jax.convert import __main__ as convert_cli
 from lseg_jax.convert import rules as R
 from lseg_jax.models import abstract_variables, get_model_config
 
@@ -461,3 +468,126 @@ def test_load_state_dict_errors(tmp_path, monkeypatch):
   monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as on a machine without PyTorch
   with pytest.raises(ImportError, match="needs PyTorch"):
     C.load_state_dict(ckpt)
+
+
+def test_load_state_dict_reads_bfloat16_safetensors_as_float32(tmp_path):
+  from safetensors.numpy import save_file
+  path = tmp_path / "bf16.safetensors"
+  save_file({"w": np.array([1.5, -2.0], np.float32).astype(jnp.bfloat16)}, str(path))
+  sd = C.load_state_dict(path)
+  assert sd["w"].dtype == np.float32
+  np.testing.assert_array_equal(sd["w"], [1.5, -2.0])
+
+
+# --- the command line: python -m lseg_jax.convert ------------------------------------
+
+
+def test_cli_writes_a_model_directory_that_loads(tiny_vit, tmp_path, capsys):
+  config, variables, sd = tiny_vit
+  np.savez(tmp_path / "lseg.npz", **{f"net.{k}": v for k, v in sd.items()})
+  rc = convert_cli.main([str(tmp_path / "lseg.npz"), str(tmp_path / "model"), "--backbone", "tiny",
+                         "--arch_option", "2"])
+  assert rc == 0 and f"wrote {tmp_path / 'model'} (tiny, " in capsys.readouterr().out
+  loaded_config, loaded = checkpoint.load_model(tmp_path / "model")
+  assert json.loads(loaded_config.to_json()) == json.loads(config.to_json())
+  assert_same_variables(loaded, variables)
+
+
+class FakeTorch:
+  """`torch.load` raising what PyTorch raises for a file (torch is an optional dependency)."""
+
+  def __init__(self, error: Exception):
+    self.error = error
+
+  def load(self, *_, **__):
+    raise self.error
+
+
+def bad_convert_input(case: str, tmp: Path, sd: dict) -> tuple[list[str], str, FakeTorch | None]:
+  """(arguments, what the error line must say, torch stand-in) for one bad input; files in `tmp`."""
+  good = tmp / "good.npz"
+  np.savez(good, **sd)
+  npz_bytes = good.read_bytes()
+  src, dst, extra, torch = good, tmp / "model", [], None
+  if case == "missing_src":
+    src = tmp / "nope.npz"
+  elif case in ("truncated_npz", "garbage_npz", "npy_named_npz", "empty_npz"):
+    src = tmp / f"{case}.npz"
+    src.write_bytes({"truncated_npz": npz_bytes[: len(npz_bytes) // 2], "garbage_npz": b"\x93NUMPY garbage" * 9,
+                     "npy_named_npz": b"", "empty_npz": b""}[case])
+    if case == "npy_named_npz":
+      np.save(tmp / "a.npy", np.ones(3, np.float32))
+      (tmp / "a.npy").rename(src)
+  elif case == "object_array_npz":
+    src = tmp / "objects.npz"
+    np.savez(src, **{"scratch.head1.bias": np.array([{"a": 1}], dtype=object)})
+  elif case in ("truncated_safetensors", "garbage_safetensors"):
+    from safetensors.numpy import save_file
+    src = tmp / f"{case}.safetensors"
+    save_file(sd, str(src))
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2] if case == "truncated_safetensors" else b"garbage" * 9)
+  elif case == "unknown_format":
+    src = tmp / "weights.h5"
+    src.write_bytes(b"\0")
+  elif case == "nan_weight":
+    src = tmp / "nan.npz"
+    np.savez(src, **{**sd, "scratch.head1.weight": np.full_like(sd["scratch.head1.weight"], np.nan)})
+  elif case in ("torch_pickled_objects", "torch_truncated"):
+    src = tmp / "lseg.ckpt"
+    src.write_bytes(b"PK\x03\x04 not really")
+    torch = FakeTorch(pickle.UnpicklingError("Weights only load failed.")
+                      if case == "torch_pickled_objects" else
+                      RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"))
+  elif case == "dst_is_a_file":
+    dst = good
+  elif case == "dst_under_a_file":
+    dst = good / "model"
+  elif case == "dst_exists":
+    dst.mkdir()
+  elif case == "overwrite_a_foreign_directory":
+    dst = tmp / "photos"
+    dst.mkdir()
+    (dst / "holiday.jpg").write_bytes(b"precious")
+    extra = ["--overwrite"]
+  elif case == "bad_arch_option":
+    extra = ["--arch_option", "9"]
+  expected = {
+      "missing_src": f"checkpoint {src} does not exist",
+      "truncated_npz": f"{src} is not an .npz archive",
+      "garbage_npz": f"{src} is not an .npz archive",
+      "npy_named_npz": f"{src} is not an .npz archive",
+      "empty_npz": f"checkpoint {src} is empty",
+      "object_array_npz": f"cannot read {src} as .npz: it holds pickled Python objects",
+      "truncated_safetensors": f"cannot read {src} as safetensors (SafetensorError",
+      "garbage_safetensors": f"cannot read {src} as safetensors (SafetensorError",
+      "unknown_format": f"{src}: unknown checkpoint format",
+      "nan_weight": "key 'scratch.head1.weight' holds 512 NaN/Inf values of 512",
+      "torch_pickled_objects": f"{src} holds more than tensors (UnpicklingError: Weights only load failed.); "
+                               "if you trust the file, pass --allow_pickle",
+      "torch_truncated": f"cannot read {src} as a PyTorch checkpoint (RuntimeError: PytorchStreamReader",
+      "dst_is_a_file": f"{good} is a file, not a model directory",
+      "dst_under_a_file": f"cannot create {good / 'model'}: {good} is a file, not a directory",
+      "dst_exists": f"{dst} already exists; choose another destination or pass --overwrite",
+      "overwrite_a_foreign_directory": f"{dst} is a non-empty directory without model_config.json; refusing",
+      "bad_arch_option": "argument --arch_option: invalid choice: 9",
+  }[case]
+  return [str(src), str(dst), "--backbone", "tiny", "--arch_option", "2", *extra], expected, torch
+
+
+@pytest.mark.parametrize("case", [
+    "missing_src", "truncated_npz", "garbage_npz", "npy_named_npz", "empty_npz", "object_array_npz",
+    "truncated_safetensors", "garbage_safetensors", "unknown_format", "nan_weight", "torch_pickled_objects",
+    "torch_truncated", "dst_is_a_file", "dst_under_a_file", "dst_exists", "overwrite_a_foreign_directory",
+    "bad_arch_option"])
+def test_cli_bad_input_is_one_line_and_exit_2(case, tiny_vit, tmp_path, monkeypatch, capsys):
+  _, _, sd = tiny_vit
+  args, expected, torch = bad_convert_input(case, tmp_path, sd)
+  if torch:
+    monkeypatch.setitem(sys.modules, "torch", torch)
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  assert convert_cli.main(args) == 2
+  out, err = capsys.readouterr()
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or removed

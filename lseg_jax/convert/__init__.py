@@ -17,12 +17,15 @@ the variables it fills. The CLI is in `__main__.py`.
 from collections.abc import Iterable, Mapping
 import os
 import re
+import zipfile
+import zlib
 
 import flax
 import jax
 import ml_collections
 import numpy as np
 
+from lseg_jax.checkpoint import short_reason
 from lseg_jax.convert import rules as R
 from lseg_jax.models import BACKBONES, OFFICIAL_BACKBONES, abstract_variables, get_model_config
 from lseg_jax.models.presets import CLIP_TEXT
@@ -32,6 +35,11 @@ StateDict = Mapping[str, np.ndarray]
 
 class ConversionError(ValueError):
   """A checkpoint that does not fit the model it is converted for."""
+
+
+def _is_float(array: np.ndarray) -> bool:
+  """Any floating dtype, bfloat16 (which numpy does not class as floating) included."""
+  return bool(jax.numpy.issubdtype(array.dtype, jax.numpy.floating))
 
 
 def _flat(tree: Mapping) -> dict[str, jax.ShapeDtypeStruct]:
@@ -56,6 +64,9 @@ def convert(state_dict: StateDict, rules: Iterable[R.Rule], expected: Mapping,
           f"unexpected key {key!r}: the model config has no parameter {path} "
           "(another backbone, arch_option or hook set?)")
     value = np.asarray(value)
+    if _is_float(value) and not np.isfinite(value).all():
+      bad = int(value.size - np.isfinite(value).sum())
+      raise ConversionError(f"key {key!r} holds {bad} NaN/Inf values of {value.size}: a damaged checkpoint?")
     array = rule.transform(value)
     if array.shape != targets[path].shape:
       raise ConversionError(
@@ -233,33 +244,70 @@ def convert_clip_text(sd: StateDict, config: ml_collections.ConfigDict) -> dict:
 # --- reading files -------------------------------------------------------------
 
 
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A .safetensors file's arrays (bfloat16 too: jax registers it with numpy)."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, TypeError) as e:  # TypeError: a dtype numpy lacks
+    raise ConversionError(f"cannot read {path} as safetensors ({short_reason(e)}): truncated, or another "
+                          "format?") from None
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """An .npz archive's arrays; never unpickles (numpy would for object arrays)."""
+  if not zipfile.is_zipfile(path):
+    raise ConversionError(f"{path} is not an .npz archive (no zip directory): truncated, or another format?")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+    why = "it holds pickled Python objects, not plain arrays" if "allow_pickle" in str(e) else short_reason(e)
+    raise ConversionError(f"cannot read {path} as .npz: {why}") from None
+
+
+def _read_torch(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+  """The tensors of a PyTorch checkpoint (a Lightning `.ckpt`'s `state_dict`);
+  only tensors are unpickled unless `allow_pickle`."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs PyTorch: pip install 'lseg-jax[torch]' "
+                      "(or convert it to .safetensors/.npz elsewhere)") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+  except Exception as e:  # torch's loaders raise many types: UnpicklingError, RuntimeError, EOFError, ...
+    if not allow_pickle and "weights only load failed" in str(e).lower():
+      raise ConversionError(f"{path} holds more than tensors ({short_reason(e)}); if you trust the file, pass "
+                            "--allow_pickle") from None
+    raise ConversionError(f"cannot read {path} as a PyTorch checkpoint ({short_reason(e)}): truncated or "
+                          "another format?") from None
+  for key in ("state_dict", "model"):
+    if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+      obj = obj[key]
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+  return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+READERS = {".safetensors": _read_safetensors, ".npz": _read_npz}
+TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+
+
 def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-  """A flat {name: float32 array} from .ckpt/.pth/.pt (torch), .safetensors or .npz."""
+  """A flat {name: float32 array} from .ckpt/.pth/.pt (torch), .safetensors or .npz;
+  a file that cannot be read is a ConversionError naming it and why."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    sd = load_file(path)
-  elif path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      sd = dict(z)
-  elif path.endswith((".ckpt", ".pth", ".pt", ".bin")):
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs PyTorch: pip install 'lseg-jax[torch]' "
-                        "(or convert it to .safetensors/.npz elsewhere)") from e
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # torch's unpickler raises several types
-      raise ConversionError(f"{path} holds more than tensors ({type(e).__name__}: {e}); if you trust "
-                            "the file, pass --allow-pickle") from e
-    for key in ("state_dict", "model"):
-      if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-        obj = obj[key]
-    sd = {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
-  else:
+  suffix = os.path.splitext(path)[1]
+  if suffix not in (*READERS, *TORCH_SUFFIXES):
     raise ConversionError(f"{path}: unknown checkpoint format (expected .ckpt, .pth, .pt, .bin, "
                           ".safetensors or .npz)")
-  return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v) for k, v in sd.items()}
+  if not os.path.isfile(path):
+    raise ConversionError(f"checkpoint {path} is not a file")
+  if os.path.getsize(path) == 0:
+    raise ConversionError(f"checkpoint {path} is empty")
+  sd = READERS[suffix](path) if suffix in READERS else _read_torch(path, allow_pickle)
+  return {k: (v.astype(np.float32) if _is_float(v) else v) for k, v in sd.items()}
