@@ -19,12 +19,24 @@ from lseg_jax.models import LSeg
 
 
 def parse_labels(text: str) -> list[str]:
-  """'dog, grass,other' -> ['dog', 'grass', 'other'] (as the official demo app)."""
+  """'dog, grass,other' -> ['dog', 'grass', 'other'] (as the official demo app).
+
+  Empty labels and duplicates are errors: two labels that CLIP's text cleanup
+  makes equal ('dog', 'Dog', 'big  dog' and 'big dog') get the same
+  embedding, and the first would win every pixel.
+  """
   labels = [l.strip() for l in text.split(",")]
   if not any(labels):
     raise ValueError(f"empty label list {text!r}: give comma-separated labels, e.g. 'dog,grass,other'")
   if not all(labels):
     raise ValueError(f"label list {text!r} has an empty label")
+  first: dict[str, str] = {}  # CLIP-cleaned text -> the label that gave it
+  for label in labels:
+    key = tokenizer.clean_text(label)
+    if key in first:
+      same = "" if first[key] == label else f" (the same to CLIP as {first[key]!r})"
+      raise ValueError(f"duplicate label {label!r}{same} in {text!r}: give each label once")
+    first[key] = label
   return labels
 
 

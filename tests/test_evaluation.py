@@ -1,5 +1,5 @@
 """Metrics against independent numpy references, the multi-scale sliding
-window, and eval.py / predict on a trained tiny workdir."""
+window, and eval.py on a trained tiny workdir (predict: test_predict.py)."""
 
 import json
 import math
@@ -9,11 +9,9 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
 import pytest
 
-from lseg_jax import inference, metrics, predict
-from lseg_jax.models import get_model_config
+from lseg_jax import inference, metrics
 from lseg_jax.models.layers import resize_bilinear_np
 from test_train import tiny_config, train
 
@@ -170,65 +168,3 @@ def test_eval_multiscale_protocol_runs(trained):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((workdir / "eval_multiscale_validation.json").read_text())
   assert 0.0 <= result["mIoU"] <= 1.0 and 0.0 < result["pixAcc"] <= 1.0
-
-
-def test_predict_writes_maps_of_the_image_size(trained, tmp_path, capsys):
-  workdir, _ = trained
-  rng = np.random.default_rng(4)
-  Image.fromarray(rng.integers(0, 255, (70, 100, 3), np.uint8)).save(tmp_path / "rgb.png")
-  folder = tmp_path / "more"
-  folder.mkdir()
-  Image.fromarray(rng.integers(0, 255, (64, 64), np.uint8), "L").save(folder / "gray.png")
-  Image.fromarray(rng.integers(0, 255, (40, 90, 4), np.uint8), "RGBA").save(folder / "rgba.png")
-  out = tmp_path / "out"
-  rc = predict.main(["--checkpoint", str(workdir), "--labels", "background, circle,square", "--out", str(out),
-                     "--base_size", "64", "--crop_size", "64", "--save_logits", "--template", "a photo of a {}.",
-                     "--template", "a {}", str(tmp_path / "rgb.png"), str(folder)])
-  assert rc == 0
-  for name, (h, w) in {"rgb": (70, 100), "gray": (64, 64), "rgba": (40, 90)}.items():
-    ids = np.asarray(Image.open(out / f"{name}_ids.png"))
-    assert ids.shape == (h, w) and ids.max() < 3
-    assert Image.open(out / f"{name}_labels.png").size == (w, h)
-    assert Image.open(out / f"{name}_overlay.png").size[0] > w  # the legend
-    logits = np.load(out / f"{name}_logits.npy")
-    assert logits.shape == (h, w, 3)
-    np.testing.assert_array_equal(np.argmax(logits, -1), np.load(out / f"{name}_ids.npy"))
-
-
-def test_predict_normalizes_as_the_model_was_trained(trained, tmp_path):
-  """A training run's own normalisation (the demo trains a ResNet on CLIP
-  statistics); the official one by backbone for a converted model."""
-  workdir, _ = trained
-  resnet = get_model_config("tiny_resnet")
-  (tmp_path / "config.json").write_text(json.dumps({"input": {"normalization": "clip"}}))
-  assert predict.input_normalization(str(tmp_path), resnet) == "clip"
-  assert predict.input_normalization(str(workdir), resnet) == "clip"  # a real train.py workdir
-  assert predict.input_normalization(str(tmp_path / "converted"), resnet) == "imagenet"
-  assert predict.input_normalization(str(tmp_path / "converted"), get_model_config("tiny")) == "clip"
-
-
-@pytest.mark.parametrize("case", ["empty_labels", "garbage_image", "missing_image", "not_a_model", "bad_template",
-                                  "zero_crop", "bad_scales"])
-def test_predict_bad_input_is_a_clear_error(trained, tmp_path, capsys, case):
-  workdir, _ = trained
-  good = tmp_path / "ok.png"
-  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
-  args = {"checkpoint": str(workdir), "labels": "a,b", "image": str(good)}
-  expected = {"empty_labels": "empty label list", "garbage_image": "cannot read image",
-              "missing_image": "does not exist", "not_a_model": "model_config.json",
-              "bad_template": "must each contain", "zero_crop": "positive multiple of 32",
-              "bad_scales": "comma-separated list of numbers"}[case]
-  extra = {"bad_template": ["--template", "a photo"], "zero_crop": ["--crop_size", "0"],
-           "bad_scales": ["--scales", "1.0,x"]}.get(case, [])
-  if case == "empty_labels":
-    args["labels"] = ","
-  elif case == "garbage_image":
-    (tmp_path / "bad.png").write_bytes(b"not a png at all")
-    args["image"] = str(tmp_path / "bad.png")
-  elif case == "missing_image":
-    args["image"] = str(tmp_path / "nope.png")
-  elif case == "not_a_model":
-    args["checkpoint"] = str(tmp_path)
-  rc = predict.main(["--checkpoint", args["checkpoint"], "--labels", args["labels"], "--out", str(tmp_path / "o"),
-                     *extra, args["image"]])
-  assert rc == 2 and expected in capsys.readouterr().err
