@@ -13,154 +13,287 @@ Multi-process (e.g. 2 processes x 4 CPU devices on localhost): pass
 --coordinator_address=localhost:PORT --num_processes=2 --process_id=I to each.
 """
 
+import contextlib
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 import signal
 import sys
-import tempfile
 import time
 
 from absl import app
 from absl import flags
 import flax
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
-from lseg_jax import checkpoint, data, evaluate, labels as labels_lib, losses, optim, pretrained, sharding
+from lseg_jax import checkpoint, config_lib, data, evaluate, flops as flops_lib, labels as labels_lib
+from lseg_jax import optim, pretrained, sharding, training, workdir as workdir_lib
 from lseg_jax.models import LSeg, build_model, init_inputs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(__file__).resolve().parent / "configs" / "demo.py"), "Training config file.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (default: a temp dir).")
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "demo.py")
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "The run's directory (config.json, checkpoints/, metrics.jsonl, tb/). An existing one is "
+    "resumed from its latest checkpoint when it holds the same config. Default: a temp dir named after the "
+    "config file and its argument, e.g. /tmp/lseg_jax_demo.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose config.json differs from this config (same model "
+    "and optimizer tree), e.g. to change the learning rate of a run on purpose.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
 
-# Peak dense bf16 FLOP/s per chip, for the MFU estimate.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+# Exit codes (README "Workdirs and resuming").
+EXIT_FAULT, EXIT_USAGE = 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal, after saving
 
 
-class NonFiniteLoss(RuntimeError):
+class RunFault(RuntimeError):
+  """The run cannot go on (non-finite loss, a checkpoint that failed to save)."""
+
+
+class NonFiniteLoss(RunFault):
   pass
 
 
-def peak_flops(device: jax.Device) -> float | None:
-  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in device.device_kind.lower()), None)
+class Stopped(Exception):
+  """SIGINT/SIGTERM: the run saved its state and stops."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def config_spec(argv: list[str]) -> str:
+  """The --config value of a command line (the demo when absent)."""
+  for i, item in enumerate(argv):
+    if item.startswith("--config="):
+      return item.partition("=")[2]
+    if item == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return DEFAULT_CONFIG
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where any mistake (an unknown flag, a config file that
+  does not load, a misspelt --config.KEY) is one line and exit 2: ml_collections
+  reports an unknown key as a bare traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    spec = config_spec(argv)
+    try:
+      config_lib.load_config_file(spec)
+      message = config_lib.override_error(spec, argv) or str(e).strip().splitlines()[0]
+    except Exception as load_error:  # pylint: disable=broad-except
+      message = f"config {spec}: {type(load_error).__name__}: {str(load_error).strip().splitlines()[0]}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 def main(argv):
   del argv
+  quiet_libraries()
   if _COORDINATOR.value:
     # Collectives between CPU processes (tests, CPU clusters); GPUs/TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  workdir = _WORKDIR.value or Path(tempfile.gettempdir()) / "lseg_jax_demo"
-  train_and_evaluate(_CONFIG.value, workdir)
+  workdir = _WORKDIR.value or workdir_lib.default_workdir(config_spec(sys.argv))
+  try:
+    train_and_evaluate(_CONFIG.value, workdir, _ALLOW_CONFIG_CHANGE.value)
+  except config_lib.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+  except RunFault as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Skip the atexit handlers: on a full disk they retry writes and print tracebacks.
+    os._exit(EXIT_FAULT)
+  except Stopped as e:
+    sys.exit(EXIT_SIGNAL[e.signum])
 
 
-def train_and_evaluate(config, workdir: str | Path) -> dict:
+def quiet_libraries() -> None:
+  """Only errors from orbax/absl/TFDS/transformers: their INFO lines (hundreds
+  per run) and warnings about absent optional packages (OpenCV, PyTorch) bury
+  the progress lines."""
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's failed futures: check_saves reports them
+  # orbax logs a failed background save's traceback; check_saves reports it in one line.
+  logging.getLogger("absl").addFilter(lambda record: "/orbax/" not in record.pathname)
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def status(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and
-  returns the final validation scores."""
-  host0 = jax.process_index() == 0
+  returns the final validation scores. A mistake in the config or the workdir
+  is a config_lib.UserError raised before any heavy work or any write."""
+  # ------------------------------------------------------------ config, workdir
   workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  if host0:
-    logging.info("workdir: %s", workdir)
-    print(f"workdir: {workdir}", flush=True)
-  (workdir / checkpoint.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
-  (workdir / checkpoint.MODEL_CONFIG).write_text(config.model.to_json(indent=2))
+  with config_lib.user_errors():
+    config_lib.validate(config)
+    changes = workdir_lib.check_workdir(workdir, config, allow_config_change)
+  status(f"workdir: {workdir}")
+  if changes:
+    status(f"note: resuming with config changes: {'; '.join(changes)}")
 
   # ------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  accum = config.get("grad_accum_steps", 1)
-  batch_devices = sharding.batch_devices(mesh, rules)
-  for key, size, multiple, why in (
-      ("input.batch_size", config.input.batch_size, batch_devices * accum, f" x grad_accum_steps={accum}"),
-      ("evals.batch_size", config.evals.batch_size, batch_devices, "")):
-    if size % multiple:
-      raise ValueError(f"{key}={size} must be a multiple of {multiple} (the devices the batch is split over{why})")
   to_global = functools.partial(data.make_global_batch, mesh=mesh, rules=rules)
 
   # ------------------------------------------------------------ input
-  label_names = data.label_names(config.input)
-  num_train = data.num_examples(config.input, config.input.split)
-  steps_per_epoch = max(num_train // config.input.batch_size, 1)
-  if config.get("total_epochs"):
-    config.unlock()
-    config.total_steps = int(config.total_epochs * steps_per_epoch)
-    config.lock()
-  train_loader = data.make_loader(config.input, config.input.split, global_batch_size=config.input.batch_size,
-                                  seed=config.seed, train=True)
+  status(f"dataset: {config.input.dataset} (prepared on first use)")
+  with config_lib.user_errors():  # a missing manual_dir, an empty split, ...
+    label_names = data.label_names(config.input)
+    num_train = data.num_examples(config.input, config.input.split)
+    steps_per_epoch = max(num_train // config.input.batch_size, 1)
+    if config.total_epochs:
+      config.unlock()
+      config.total_steps = int(config.total_epochs * steps_per_epoch)
+      config.lock()
+    train_loader = data.make_loader(config.input, config.input.split, global_batch_size=config.input.batch_size,
+                                    seed=config.seed, train=True)
   train_iter = iter(train_loader)
 
-  # ------------------------------------------------------------ model
+  # ------------------------------------------------------------ model and text embeddings
   model = build_model(config.model)
   init_fn = lambda rng: model.init(rng, *init_inputs(config.model), method=LSeg.segment)
   boxed = jax.eval_shape(init_fn, jax.random.key(config.seed))
   var_shardings = sharding.logical_shardings(boxed, mesh, rules)
   variables = jax.jit(lambda r: flax.linen.unbox(init_fn(r)), out_shardings=var_shardings)(
       jax.random.key(config.seed))
-  variables = pretrained.load_initial_weights(config, variables, var_shardings)
+  with config_lib.user_errors():  # init files of another model
+    variables = pretrained.load_initial_weights(config, variables, var_shardings)
   text_params = variables["params"].pop("text_encoder")  # frozen: not trained, not in the state
   var_shardings["params"].pop("text_encoder")
-  checkpoint.save_text_encoder(workdir, text_params)  # once, for eval.py and predict
-  text_table = labels_lib.encode_labels(model, text_params, label_names, config.get("prompt_templates", ("{}",)))
+  text_table = labels_lib.encode_labels(model, text_params, label_names, config.prompt_templates)
   text_table = jax.device_put(text_table, sharding.replicated(mesh))  # [L, D]
 
-  # ------------------------------------------------------------ optimizer + state
+  # ------------------------------------------------------------ optimizer and state
   tx, sched = optim.make_optimizer(config, variables["params"], steps_per_epoch)
-  state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-           "step": jnp.zeros((), jnp.int32)}
-  # Optimizer state: jit lays moments out like their parameters but leaves
-  # scalar counts on one device; those are replicated over the mesh.
-  state["opt"] = jax.tree.map(lambda x: x if x.sharding.device_set == set(mesh.devices.flat)
-                              else jax.device_put(x, sharding.replicated(mesh)), jax.jit(tx.init)(state["params"]))
-  state["step"] = jax.device_put(state["step"], sharding.replicated(mesh))
+  state = training.init_state(variables["params"], variables.get("batch_stats", {}), tx, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   # ------------------------------------------------------------ update step
-  train_step = make_train_step(model, tx, sched, accum)
+  train_step = training.make_train_step(model, tx, sched, accum=config.grad_accum_steps,
+                                        reduction=config.loss_reduction, replicas=config.ddp_replicas)
   train_step = jax.jit(train_step, donate_argnums=(0,),
-                       in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+                       in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
   eval_step = jax.jit(evaluate.make_eval_step(model, len(label_names)))
 
-  # ------------------------------------------------------------ checkpoints
-  manager = ocp.CheckpointManager(
+  # ------------------------------------------------------------ checkpoint restore
+  make_manager = lambda: ocp.CheckpointManager(
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_ckpts, enable_async_checkpointing=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": data.checkpoint_handler()})
-  state, train_iter = restore_latest(manager, state, train_iter)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  with config_lib.user_errors():  # checkpoints of another model
+    manager, restored, restored_iter, resumed = workdir_lib.restore_latest(
+        make_manager, workdir, abstract, data.checkpoint_restore(train_iter))
+  if resumed is not None:
+    state, train_iter = restored, restored_iter
+    status(f"resumed from step {resumed}")
+  workdir_lib.write_run_files(workdir, config)  # the restore decision is made: this run owns the workdir
+  checkpoint.save_text_encoder(workdir, text_params)  # once, for eval.py and predict
   first_step = int(state["step"])
   stop = {"signal": None}
-  signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
 
-  def save(step: int) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=data.checkpoint_save(train_iter)), force=True)
+  def on_signal(signum, _):
+    if stop["signal"] is not None:  # a second Ctrl-C: leave now, an unfinished save stays invisible
+      os._exit(EXIT_SIGNAL.get(signum, EXIT_FAULT))
+    stop["signal"] = signum
+
+  for signum in EXIT_SIGNAL:
+    signal.signal(signum, on_signal)
+  saved = {"step": resumed, "pending": None}
+
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+
+  def save(step: int, state) -> None:
+    check_saves()
+    saved["pending"] = step
+    with save_faults():
+      # A full disk is refused before orbax starts writing: a save failing
+      # midway leaves the library's threads printing pages of tracebacks.
+      workdir_lib.check_free_space(workdir, state_bytes)
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 data=data.checkpoint_save(train_iter)), force=True)
+
+  @contextlib.contextmanager
+  def save_faults():
+    """An orbax error while a save is pending -> RunFault naming the failed
+    save and the last good (finalised) checkpoint."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+      last = next(iter(workdir_lib.finished_steps(workdir)), None)
+      raise RunFault(f"saving checkpoint {saved['pending']} failed ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0][:300]}); the last good checkpoint is "
+                     f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}") from None
+
+  def check_saves(wait: bool = False) -> None:
+    """Raises RunFault once the pending background save has failed (disk
+    full, ...): checked every step, so the run stops at the next step."""
+    if saved["pending"] is None:
+      return
+    with save_faults():
+      if wait or not manager.is_saving_in_progress():
+        manager.wait_until_finished()  # re-raises the background save's error
+    if manager.latest_step() == saved["pending"]:
+      saved["step"], saved["pending"] = saved["pending"], None
 
   # ------------------------------------------------------------ loop
-  writer = MetricWriter(workdir, enabled=host0)
-  compiled, flops = None, None
-  t0, last_t, last_step = time.time(), time.time(), first_step
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  t0 = time.time()
+  try:
+    scores = train_loop(config, state, train_iter, train_step, text_table, to_global, save, check_saves, stop,
+                        writer, first_step, lambda st, step: run_eval(config, model, st, text_table, eval_step,
+                                                                      to_global, writer, step, label_names),
+                        manager)
+  except OSError as e:  # a full disk or a lost mount while writing metrics
+    last = next(iter(workdir_lib.finished_steps(workdir)), None)
+    raise RunFault(f"{type(e).__name__}: {e}; the last good checkpoint is "
+                   f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}") from e
+  finally:
+    writer.close()
+  manager.close()
+  status(f"done in {time.time() - t0:.0f}s: val mIoU={scores['mIoU']:.4f} pixAcc={scores['pixAcc']:.4f}; "
+         f"checkpoint in {workdir / 'checkpoints'}")
+  return scores
+
+
+def train_loop(config, state, train_iter, train_step, text_table, to_global, save, check_saves, stop, writer,
+               first_step: int, evaluate_fn, manager) -> dict:
+  """Steps first_step + 1 .. total_steps: metrics every log_every, checkpoints
+  every ckpt_every and at the end, a signal's save, then the final evaluation."""
+  status(f"compiling the train step ({config.model.backbone}, batch {config.input.batch_size})")
+  compiled, step_flops = None, None
+  last_t, last_step = time.time(), first_step
   pending = None  # the previous step's metrics, checked one step late to keep the device busy
   for step in range(first_step + 1, config.total_steps + 1):
     batch = to_global(next(train_iter))
     if compiled is None:  # compile once, ahead of time, to read the step's FLOPs
+      t = time.time()
       compiled = train_step.lower(state, batch, text_table).compile()
       cost = compiled.cost_analysis()
-      flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+      step_flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+      status(f"compiled in {time.time() - t:.0f}s; training steps {first_step + 1}..{config.total_steps}")
     state, measurements = compiled(state, batch, text_table)
+    check_saves()
     if pending is not None:
       check_finite(*pending)
     pending = (step, measurements)
@@ -168,100 +301,47 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
       last_t, last_step = time.time(), step
     if step % config.log_every == 0 or step == config.total_steps:
       check_finite(*pending)
-      now = time.time()
-      m = {k: float(v) for k, v in jax.device_get(measurements).items()}
-      if step > last_step:
-        step_time = (now - last_t) / (step - last_step)
-        m |= {"step_time": step_time, "images_per_s": config.input.batch_size / step_time}
-        if flops and (peak := peak_flops(jax.devices()[0])):
-          m["mfu"] = flops / step_time / peak  # XLA's cost analysis is per device
-        eta = (config.total_steps - step) * step_time
-      else:
-        eta = float("nan")
-      last_t, last_step = now, step
-      writer.write(step, m)
-      if host0:
-        print(f"[{step}/{config.total_steps}] " + " ".join(f"{k}={v:.4g}" for k, v in m.items())
-              + f" eta={eta:.0f}s", flush=True)
+      log_step(config, step, jax.device_get(measurements), last_t, last_step, step_flops, writer)
+      last_t, last_step = time.time(), step
     if config.ckpt_every and step % config.ckpt_every == 0:
-      save(step)
+      save(step, state)
     if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-      run_eval(config, model, state, text_table, eval_step, to_global, writer, step, label_names)
+      t = time.time()
+      evaluate_fn(state, step)
+      last_t += time.time() - t  # evaluation is not training time
     if stop["signal"] is not None:
-      save(step)
-      manager.wait_until_finished()
-      print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
-      sys.exit(0)
+      if manager.latest_step() != step:
+        save(step, state)
+      check_saves(wait=True)
+      status(f"received signal {stop['signal']}: saved step {step}, exiting "
+             f"(status {EXIT_SIGNAL[stop['signal']]})")
+      raise Stopped(stop["signal"])
   if manager.latest_step() != config.total_steps:
-    save(config.total_steps)
-  manager.wait_until_finished()
-  scores = run_eval(config, model, state, text_table, eval_step, to_global, writer, config.total_steps,
-                    label_names)
-  writer.close()
-  manager.close()
-  if host0:
-    print(f"done in {time.time() - t0:.0f}s: val mIoU={scores['mIoU']:.4f} pixAcc={scores['pixAcc']:.4f}; "
-          f"checkpoint in {workdir / 'checkpoints'}", flush=True)
-  return scores
+    save(config.total_steps, state)
+  check_saves(wait=True)
+  return evaluate_fn(state, config.total_steps)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, sched: optax.Schedule, accum: int = 1):
-  """(state, batch, text_table) -> (state, measurements): one optimiser step
-  over `accum` micro-batches; the frozen label embeddings come in `text_table`."""
-
-  def train_step(state, batch, text_table):
-    def loss_fn(params, batch_stats, mb):
-      text = text_table[mb["label_ids"]]  # [b, N, D]
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, mb["image"], text,
-                                    mb["label_mask"], train=True, mutable=["batch_stats"])
-      loss, stats = losses.pixel_cross_entropy(logits, mb["mask"], mb["label_mask"])
-      return loss, (updates.get("batch_stats", batch_stats), stats)
-
-    # Gradient accumulation as the official run: micro-batches in sequence,
-    # BatchNorm statistics updated by each. A Python loop, not lax.scan: XLA:CPU
-    # runs a scanned body ~6x slower, and `accum` is small.
-    grads, batch_stats, sums = None, state["batch_stats"], None
-    # Row i::accum of the batch, as a reshape that keeps the batch axis sharded.
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), batch)
-    for mb in (jax.tree.map(lambda x: x[:, i], micro) for i in range(accum)):
-      (_, (batch_stats, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch_stats, mb)
-      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-      sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    new_state = {"params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
-                 "opt": opt, "step": state["step"] + 1}
-    valid = jnp.maximum(sums["valid"], 1)
-    measurements = {"loss": sums["loss_sum"] / valid, "pixel_acc": sums["correct"] / valid,
-                    "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state["params"]),
-                    "lr": sched(state["step"])}
-    return new_state, measurements
-
-  return train_step
+def log_step(config, step: int, measurements: dict, last_t: float, last_step: int, step_flops, writer) -> None:
+  """One progress line (and the metric files): measurements, speed, ETA."""
+  m = {k: float(v) for k, v in measurements.items()}
+  now = time.time()
+  eta = ""
+  if step > last_step:
+    step_time = (now - last_t) / (step - last_step)
+    m |= {"step_time": step_time, "images_per_s": config.input.batch_size / step_time}
+    if step_flops and (peak := flops_lib.peak_flops(jax.devices()[0])):
+      m["mfu"] = step_flops / step_time / peak  # XLA's cost analysis is per device
+    eta = f" eta={(config.total_steps - step) * step_time:.0f}s"
+  writer.write(step, m)
+  shown = {k: v for k, v in m.items() if "/" not in k}  # per-module norms: in the metric files only
+  status(f"[{step}/{config.total_steps}] " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()) + eta)
 
 
 def check_finite(step: int, measurements: dict) -> None:
   if not np.isfinite(float(measurements["loss"])):
-    raise NonFiniteLoss(f"loss is {float(measurements['loss'])} at step {step}: stopping "
-                        "(lower the learning rate, or check the input)")
-
-
-def restore_latest(manager: ocp.CheckpointManager, state, train_iter):
-  """The newest readable checkpoint; a corrupt one is skipped with a warning."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=data.checkpoint_restore(train_iter)))
-    except Exception as e:  # orbax raises many types for truncated files
-      logging.warning("checkpoint %d is unreadable (%s: %s); trying the previous one", step, type(e).__name__, e)
-      print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); deleting it and falling back",
-            flush=True)
-      manager.delete(step)  # the run will write this step again
-      continue
-    print(f"resumed from step {step}", flush=True)
-    return restored["state"], restored["data"]
-  return state, train_iter
+    raise NonFiniteLoss(f"loss is {float(measurements['loss'])} at step {step}: stopping (lower the learning "
+                        "rate, or check the input); the checkpoints before it are kept")
 
 
 def run_eval(config, model, state, text_table, eval_step, to_global, writer, step, label_names) -> dict:
@@ -297,10 +377,15 @@ class MetricWriter:
     self.jsonl.flush()
 
   def close(self) -> None:
+    """Closes both files; on a full disk the run has already failed: a
+    failing flush here must not hide its message."""
     if self.enabled:
-      self.tb.close()
-      self.jsonl.close()
+      for f in (self.tb, self.jsonl):
+        try:
+          f.close()
+        except OSError:
+          pass
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

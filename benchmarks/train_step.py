@@ -4,18 +4,16 @@ time, peak memory and MFU, one JSON line.
   python benchmarks/train_step.py                                   # clip_vitl16_384, 2 x 384, 150 labels, fp32
   python benchmarks/train_step.py --batch 16 --size 480 --dtype bfloat16 --remat dots_saveable   # on a GPU/TPU
 
-The step is train.py's (`make_train_step`: SGD as the official recipe, frozen
+The step is train.py's (`lseg_jax.training.make_train_step`: SGD as the official recipe, frozen
 label embeddings), on all devices (data parallel), random weights and data.
 FLOPs are counted analytically (lseg_jax.flops: ~1.5 TFLOP per image at 384,
 ~2.4 at 480 for ViT-L/16) and cross-checked with XLA's cost analysis; the
 compiling step is excluded from the timing. MFU needs a known peak: the
-device's bf16 peak (train.PEAK_FLOPS) or --peak_tflops.
+device's bf16 peak (lseg_jax.flops.PEAK_FLOPS) or --peak_tflops.
 """
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 import time
 
 import flax.linen as nn
@@ -23,13 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lseg_jax import config_lib, flops, optim, sharding
+from lseg_jax import config_lib, flops, optim, sharding, training
 from lseg_jax.models import LSeg, build_model, get_model_config, init_inputs
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("lseg_train", ROOT / "train.py")
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
 
 
 def main() -> None:
@@ -47,6 +40,7 @@ def main() -> None:
   config = config_lib.base_config()
   config.model = get_model_config(args.model, dtype=args.dtype, remat_policy=args.remat)
   config.total_steps = 1000
+  config.lr = 1e-3
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   model = build_model(config.model)
@@ -55,9 +49,7 @@ def main() -> None:
   variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(0))
   variables["params"].pop("text_encoder")
   tx, sched = optim.make_optimizer(config, variables["params"], 1000)
-  state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-           "opt": jax.jit(tx.init)(variables["params"]),
-           "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
+  state = training.init_state(variables["params"], variables["batch_stats"], tx, mesh)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32),
            "mask": rng.integers(-1, args.labels, (args.batch, args.size, args.size)).astype(np.int32),
@@ -66,7 +58,7 @@ def main() -> None:
   batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
   text_table = jax.device_put(jnp.asarray(rng.normal(size=(args.labels, config.model.text.embed_dim)), jnp.float32),
                               sharding.replicated(mesh))
-  step_fn = jax.jit(train.make_train_step(model, tx, sched), donate_argnums=(0,))
+  step_fn = jax.jit(training.make_train_step(model, tx, sched), donate_argnums=(0,))
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch, text_table).compile()
@@ -83,7 +75,7 @@ def main() -> None:
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   analytic = args.batch * flops.train_flops(config.model, args.size, args.size, args.labels)
-  peak = (args.peak_tflops * 1e12) if args.peak_tflops else train.peak_flops(jax.devices()[0])
+  peak = (args.peak_tflops * 1e12) if args.peak_tflops else flops.peak_flops(jax.devices()[0])
   mem = jax.devices()[0].memory_stats() or {}
   print(json.dumps({
       "benchmark": "train_step", "model": args.model, "batch": args.batch, "size": args.size,

@@ -32,9 +32,10 @@ def get_config(arg: str | None = None):
                            worker_count=8, train_mode="scale_crop", eval_mode="val"))
   config.grad_accum_steps = 2
   config.optax_name = "sgd"
-  config.lr = 0.004 / 16 * 4  # per-GPU batch 4
+  config.base_lr = 0.004  # train.sh; lr = 0.004 / 16 * per-GPU batch 4 = 0.001
+  config.ddp_replicas = 8  # 8 V100s x batch 4 x accumulation 2 = 64 images per step (lang-seg #31)
   config.lr_mults = {"fusion": 10.0, "head": 10.0}
-  config.schedule = dict(kind="poly", power=0.9, per_epoch=True, warmup_steps=0)
+  config.schedule = dict(kind="poly", power=0.9, per_epoch=True, warmup_steps=0, horizon_epochs=240.0)
   config.total_epochs = 240.0
   config.log_every = 50
   config.ckpt_every = 1000

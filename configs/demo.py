@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   config.lr = 1e-2
   config.wd = 1e-4
   config.lr_mults = {"fusion": 1.0, "head": 1.0}
-  config.schedule = dict(kind="cosine", power=0.9, per_epoch=False, warmup_steps=50)
+  config.schedule = dict(kind="cosine", power=0.9, per_epoch=False, warmup_steps=50, horizon_epochs=0.0)
   config.total_steps = 3000
   config.log_every = 100
   config.ckpt_every = 1000

@@ -6,9 +6,19 @@ costs about 3x the forward (backward = 2x). Cross-check: clip_vitl16_384 at
 384 x 384 is ~0.5 TFLOP forward, ~1.5 TFLOP per training image.
 """
 
+import jax
 import ml_collections
 
 from lseg_jax.models.dpt import LEVEL_STRIDES
+
+# Peak dense bf16 FLOP/s per chip, for MFU (vendor data sheets).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """The bf16 peak of `device`, None for a device not in PEAK_FLOPS (CPUs)."""
+  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in device.device_kind.lower()), None)
 
 
 def _vit(config: ml_collections.ConfigDict, h: int, w: int) -> tuple[float, list[tuple[int, int]]]:

@@ -8,48 +8,21 @@ README's relative tolerances (max|ours - ref| / max|ref|).
 """
 
 import json
-import os
 from pathlib import Path
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from golden_utils import GOLDEN_DIR, regenerate_state_dict
 from lseg_jax import convert, tokenizer
 from lseg_jax.models import build_model
 
-GOLDEN_DIR = Path(os.environ.get("LSEG_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 FIXTURES = sorted(GOLDEN_DIR.glob("*.json")) if GOLDEN_DIR.is_dir() else []
 # README "Tolerances": float32 arrays 1e-4; the float16-stored arrays 5e-3.
 TOLERANCE = {np.dtype("float32"): 1e-4, np.dtype("float16"): 5e-3}
 INPUTS = ("input", "token_ids", "class_info")
-
-
-def regenerate_state_dict(fixture: dict) -> dict[str, np.ndarray]:
-  """The fixture's weights from its recipe; the unused CLIP image tower is skipped."""
-  recipe = fixture["weight_recipe"]
-  scalars = dict(recipe["scalars"])
-  sd = {}
-  for entry in fixture["state_dict"]:
-    key, shape = entry["key"], tuple(entry["shape"])
-    if key.startswith("clip_pretrained.visual."):
-      continue
-    if not entry["dtype"].startswith("float"):
-      sd[key] = np.zeros(shape, np.int64)
-      continue
-    rng = np.random.default_rng([recipe["seed"], zlib.crc32(key.encode("utf-8"))])
-    if key.endswith("running_var"):
-      value = rng.uniform(0.5, 1.5, shape)
-    elif len(shape) == 1 and key.endswith(".weight"):
-      value = 1.0 + 0.02 * rng.standard_normal(shape)
-    elif len(shape) == 0:
-      value = np.asarray(scalars[key])
-    else:
-      value = 0.02 * rng.standard_normal(shape)
-    sd[key] = np.asarray(value, np.float32)
-  return sd
 
 
 def labels_of(fixture: dict) -> list[list[str]] | list[str]:

@@ -4,6 +4,7 @@ kernel == stride, exact GELU and QuickGELU, a strided conv padded (1, 1))."""
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +187,52 @@ def test_strided_conv_differs_from_same_padding():
   assert y.shape == same.shape == (1, 4, 4, 1)
   assert np.abs(y - same).max() > 1e-2
   np.testing.assert_allclose(y, torch_conv2d(x, w, np.zeros(1), 2, 1), atol=1e-5)
+
+
+def _torch_batch_norm(x: np.ndarray, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5):
+  """PyTorch's BatchNorm2d.train() forward on NHWC, in float64: biased variance to
+  normalise, unbiased variance into the running statistics."""
+  axes = tuple(range(x.ndim - 1))
+  mean, var = x.mean(axes), x.var(axes)
+  n = x.size // x.shape[-1]
+  y = (x - mean) / np.sqrt(var + eps) * weight + bias
+  return y, (1 - momentum) * running_mean + momentum * mean, (1 - momentum) * running_var + momentum * var * n / (n - 1)
+
+
+def test_batch_norm_is_pytorchs_in_train_and_eval_mode():
+  rng = np.random.default_rng(0)
+  x = rng.normal(2.0, 3.0, (2, 3, 5, 4)).astype(np.float32)  # n = 30 per channel: the n/(n-1) shows
+  params = {"scale": rng.uniform(0.5, 1.5, 4).astype(np.float32), "bias": rng.normal(size=4).astype(np.float32)}
+  stats = {"mean": rng.normal(size=4).astype(np.float32), "var": rng.uniform(0.5, 1.5, 4).astype(np.float32)}
+  y, updates = layers.BatchNorm(use_running_average=False).apply(
+      {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+  ref_y, ref_mean, ref_var = _torch_batch_norm(x.astype(np.float64), params["scale"], params["bias"],
+                                               stats["mean"], stats["var"])
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], ref_mean, rtol=1e-6)
+  np.testing.assert_allclose(updates["batch_stats"]["var"], ref_var, rtol=1e-6)
+  biased = 0.9 * stats["var"] + 0.1 * x.var((0, 1, 2))
+  assert np.abs(updates["batch_stats"]["var"] - biased).max() > 1e-3  # flax.linen.BatchNorm's would be this
+  y_eval = layers.BatchNorm(use_running_average=True).apply({"params": params, "batch_stats": stats}, x)
+  np.testing.assert_allclose(y_eval, (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"]
+                             + params["bias"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module,x_shape,fan_in", [
+    (layers.Conv(64, 3), (1, 8, 8, 96), 3 * 3 * 96),
+    (layers.Conv(256, 1), (1, 4, 4, 256), 256),
+    (layers.Dense(128, (None, None)), (2, 512), 512),
+    (layers.PatchUpsample(96, 4), (1, 2, 2, 128), 96 * 4 * 4),  # ConvTranspose2d: fan_in over C_out
+], ids=["conv3x3", "conv1x1", "dense", "conv_transpose"])
+def test_layers_start_from_pytorchs_default_init(module, x_shape, fan_in):
+  """kaiming_uniform(a=sqrt(5)) weights and fan-in uniform biases: U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in)."""
+  params = nn.unbox(module.init(jax.random.key(0), jnp.zeros(x_shape)))["params"]
+  bound = fan_in ** -0.5
+  for name in ("kernel", "bias"):
+    w = np.asarray(params[name])
+    assert np.abs(w).max() <= bound
+    if w.size >= 1000:
+      assert abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.05, (name, w.std(), bound / math.sqrt(3))
+    else:
+      assert np.abs(w).max() > 0.8 * bound
+

@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 import tempfile
-import signal
 import socket
 import subprocess
 import sys
@@ -132,14 +131,16 @@ def test_resume_is_exact_after_kill_9_and_after_a_corrupt_checkpoint(shapes_conf
     assert logged[step]["loss"] == reference[step]["loss"], step
 
   # Now truncate every file of the latest checkpoint (6): the run warns,
-  # deletes it, resumes from 4 and redoes steps 5 and 6 exactly.
+  # moves it aside (kept, invisible to orbax), resumes from 4 and redoes
+  # steps 5 and 6 exactly.
   for f in (tmp_path / "checkpoints" / "6").rglob("*"):
     if f.is_file():
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
   again = run_script(["--workdir", str(tmp_path), *flag_args(shapes_config)])
   out, _ = again.communicate(timeout=600)
   assert again.returncode == 0, out[-3000:]
-  assert "checkpoint 6 is unreadable" in out and "resumed from step 4" in out
+  assert "checkpoint 6 is unreadable" in out and "moved it to 6.unreadable" in out and "resumed from step 4" in out
+  assert (tmp_path / "checkpoints" / "6.unreadable").is_dir()
   logged = losses_by_step(tmp_path)
   for step in (5, 6):
     assert logged[step]["loss"] == reference[step]["loss"], step
@@ -160,40 +161,7 @@ def test_two_processes_give_the_losses_of_one(shapes_config, reference, tmp_path
     np.testing.assert_allclose(logged[step]["loss"], reference[step]["loss"], rtol=1e-5, err_msg=str(step))
 
 
-def test_sigterm_saves_before_exiting(shapes_config, tmp_path):
-  proc = run_script(["--workdir", str(tmp_path), *flag_args(shapes_config, total_steps=10000, ckpt_every=0)])
-  deadline = time.time() + 300
-  for line in proc.stdout:
-    if line.startswith("[3/"):
-      break
-    assert time.time() < deadline
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-3000:]
-  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-  assert saved and min(saved) >= 3 and "received signal" in out
-
-
 def test_nonfinite_loss_stops_naming_the_step(shapes_config, tmp_path):
   config = tiny_config(shapes_config, total_steps=20, ckpt_every=0, optax_name="sgd", lr=1e12)
   with pytest.raises(train.NonFiniteLoss, match=r"at step \d+"):
-    train.train_and_evaluate(config, tmp_path)
-
-
-def test_config_typo_is_named():
-  proc = run_script(["--config.input.crop_sise=64"])
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0 and "crop_sise" in out
-
-
-@pytest.mark.parametrize("overrides,message", [
-    (dict(input_batch=12), r"input\.batch_size=12 must be a multiple of 8 \(.* x grad_accum_steps=1\)"),
-    (dict(input_batch=8, grad_accum_steps=2), r"input\.batch_size=8 must be a multiple of 16"),
-    (dict(evals_batch=4), r"evals\.batch_size=4 must be a multiple of 8 \(the devices the batch is split over\)"),
-])
-def test_batch_not_divisible_over_the_devices_is_a_config_error(shapes_config, tmp_path, overrides, message):
-  config = tiny_config(shapes_config, **{k: v for k, v in overrides.items() if "_batch" not in k})
-  config.input.batch_size = overrides.get("input_batch", 8)
-  config.evals.batch_size = overrides.get("evals_batch", 8)
-  with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, tmp_path)

@@ -33,6 +33,15 @@ def _same(w: np.ndarray) -> np.ndarray:
   return w
 
 
+def _conv_to_torch(w: np.ndarray) -> np.ndarray:
+  return w.transpose(3, 2, 0, 1)  # flax [kh, kw, I, O] -> torch Conv2d [O, I, kh, kw]
+
+
+# Each layout transform and its inverse (the Dense and ConvTranspose ones are
+# their own inverses).
+_INVERSE = {_linear: _linear, _conv: _conv_to_torch, _conv_transpose: _conv_transpose, _same: _same}
+
+
 def _pattern(template: str) -> re.Pattern:
   return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
@@ -50,6 +59,15 @@ class Rule:
   def backward(self, path: str) -> str | None:
     m = _pattern(self.flax).match(path)
     return None if m is None else self.official.replace("{i}", "{}").format(*m.groups())
+
+  def to_official(self, array: np.ndarray) -> np.ndarray:
+    """A Flax array in the official (PyTorch) layout: `transform` undone."""
+    return _INVERSE[self.transform](array)
+
+
+def official_name(rules: list[Rule], path: str) -> tuple[str, Rule] | None:
+  """The official key of a Flax path ('params/backbone/...') and its rule."""
+  return next(((name, r) for r in rules if (name := r.backward(path)) is not None), None)
 
 
 def linear(src: str, dst: str) -> Iterator[Rule]:

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from lseg_jax.models import layers
-from lseg_jax.models.resnet import batch_norm
 
 LEVEL_STRIDES = (4, 8, 16, 32)
 READOUTS = ("ignore", "add", "project")
@@ -103,7 +102,7 @@ class ResidualConvUnit(nn.Module):
     c = x.shape[-1]
     def conv_norm(y: jax.Array, i: int) -> jax.Array:
       y = layers.conv(c, 3, padding=1, use_bias=not self.use_bn, name=f"conv{i}", **kw)(y)
-      return batch_norm(train, f"bn{i}", **kw)(y) if self.use_bn else y
+      return layers.batch_norm(train, f"bn{i}", **kw)(y) if self.use_bn else y
 
     return x + conv_norm(nn.relu(conv_norm(nn.relu(x), 1)), 2)
 

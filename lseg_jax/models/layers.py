@@ -79,24 +79,125 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default init of Linear / Conv weights and biases:
+  kaiming_uniform(a=sqrt(5)) for the weight and the bias alike reduce to
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (std 1/sqrt(3 fan_in)). The layers trained
+  from scratch (reassemble, decoder, head) thus start from the official
+  run's distribution."""
+  bound = fan_in ** -0.5
+
+  def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv(nn.Module):
+  """A PyTorch Conv2d on NHWC: explicit symmetric padding (never 'SAME', which
+  pads (0, 1) for a stride-2 conv on an even input where PyTorch pads (1, 1)),
+  PyTorch's default init (`torch_uniform`, fan_in = k * k * C_in).
+  Kernel [k, k, C_in, C_out]."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c_in = self.kernel_size, x.shape[-1]
+    init = torch_uniform(k * k * c_in)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
+                        (k, k, c_in, self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    p = self.padding
+    y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((p, p), (p, p)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(y.dtype)
+    return y
+
+
+class Dense(nn.Module):
+  """A PyTorch Linear with PyTorch's default init (fan_in = C_in); the kernel
+  [C_in, C_out] carries the logical axis names `axes` for the sharding rules."""
+  features: int
+  axes: tuple[str | None, str | None]
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = torch_uniform(x.shape[-1])
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jnp.einsum("...i,io->...o", x, kernel)
+    if self.use_bias:
+      y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(y.dtype)
+    return y
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, use_bias: bool = True,
-         dtype=jnp.float32, param_dtype=jnp.float32, name: str | None = None) -> nn.Conv:
-  """A PyTorch-style Conv2d: explicit symmetric padding (never 'SAME', which pads
-  (0, 1) for a stride-2 conv on an even input where PyTorch pads (1, 1))."""
-  return nn.Conv(
-      features, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
-      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-      name=name)
+         dtype=jnp.float32, param_dtype=jnp.float32, name: str | None = None) -> Conv:
+  """`Conv` with positional features and kernel size, as nn.Conv is called."""
+  return Conv(features, kernel, stride, padding, use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
-          dtype=jnp.float32, param_dtype=jnp.float32, name: str | None = None) -> nn.Dense:
-  """nn.Dense whose kernel carries logical axis names for the sharding rules."""
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-      name=name)
+          dtype=jnp.float32, param_dtype=jnp.float32, name: str | None = None) -> Dense:
+  """`Dense` with positional features and logical axes."""
+  return Dense(features, axes, use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class BatchNorm(nn.Module):
+  """PyTorch's BatchNorm2d in train and eval mode, on the last axis.
+
+  Train mode normalises with the batch mean and the BIASED batch variance and
+  moves the running statistics by `momentum` (PyTorch's convention: 0.1 is
+  Flax's 0.9) towards the batch mean and the UNBIASED variance (x n/(n-1),
+  n = the elements per channel). flax.linen.BatchNorm uses the biased one
+  there: 0.1 * var / (n - 1) apart, 8e-4 relative at the stride-32 level of a
+  small batch. Statistics are float32, two-pass, and, under jit with a
+  globally sharded batch, over the global batch (the official SyncBatchNorm).
+  Eval mode uses the running statistics. Init: scale 1, bias 0, mean 0, var 1.
+  """
+  use_running_average: bool
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = x32.mean(axes)  # [C]
+      var = jnp.square(x32 - mean).mean(axes)  # [C], biased
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        running_mean.value = (1 - m) * running_mean.value + m * mean
+        running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
+    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def batch_norm(train: bool, name: str, dtype=jnp.float32, param_dtype=jnp.float32) -> BatchNorm:
+  """The decoder's and the ResNet's BatchNorm: batch statistics when `train`."""
+  return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class PatchUpsample(nn.Module):
@@ -115,10 +216,12 @@ class PatchUpsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     s = self.factor
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-        (s, s, c, self.features), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    # PyTorch's ConvTranspose2d default init counts fan_in over its weight's
+    # dim 1, which is C_out: U(+-1/sqrt(C_out * s * s)) for kernel and bias.
+    init = torch_uniform(self.features * s * s)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
+                        (s, s, c, self.features), self.param_dtype)
+    bias = self.param("bias", init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jnp.einsum("bhwc,pqco->bhpwqo", x, kernel)  # [B, H, s, W, s, C_out]
     return y.reshape(b, h * s, w * s, self.features) + bias

@@ -51,8 +51,9 @@ class SpatialRegularization(nn.Module):
 
   @nn.compact
   def __call__(self, logits: jax.Array, label_mask: jax.Array | None) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.normal(0.1), (3, 3, 1, 1))
-    bias = self.param("bias", nn.initializers.zeros, (1,))
+    init = layers.torch_uniform(9)  # PyTorch's default for Conv2d(1, 1, 3)
+    kernel = self.param("kernel", init, (3, 3, 1, 1))
+    bias = self.param("bias", init, (1,))
     act = ACTIVATIONS[self.activation]
 
     def block(x: jax.Array, use_act: bool) -> jax.Array:

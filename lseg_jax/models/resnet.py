@@ -14,16 +14,6 @@ import jax.numpy as jnp
 from lseg_jax.models import layers
 
 
-def batch_norm(train: bool, name: str, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.BatchNorm:
-  """PyTorch BatchNorm2d defaults: eps 1e-5, momentum 0.1 (flax momentum 0.9).
-
-  Under `jax.jit` with a globally sharded batch the statistics are global, as
-  the official SyncBatchNorm's.
-  """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, param_dtype=param_dtype, name=name)
-
-
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided) -> 1x1 (x4 channels), BN after each, projection skip."""
   features: int
@@ -35,14 +25,14 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = layers.conv(self.features, 1, use_bias=False, name="conv1", **kw)(x)
-    y = nn.relu(batch_norm(train, "bn1", **kw)(y))
+    y = nn.relu(layers.batch_norm(train, "bn1", **kw)(y))
     y = layers.conv(self.features, 3, stride=self.stride, padding=1, use_bias=False, name="conv2", **kw)(y)
-    y = nn.relu(batch_norm(train, "bn2", **kw)(y))
+    y = nn.relu(layers.batch_norm(train, "bn2", **kw)(y))
     y = layers.conv(4 * self.features, 1, use_bias=False, name="conv3", **kw)(y)
-    y = batch_norm(train, "bn3", **kw)(y)
+    y = layers.batch_norm(train, "bn3", **kw)(y)
     if x.shape[-1] != 4 * self.features or self.stride != 1:
       x = layers.conv(4 * self.features, 1, stride=self.stride, use_bias=False, name="downsample_conv", **kw)(x)
-      x = batch_norm(train, "downsample_bn", **kw)(x)
+      x = layers.batch_norm(train, "downsample_bn", **kw)(x)
     return nn.relu(x + y)
 
 
@@ -57,7 +47,7 @@ class ResNet(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.conv(self.width, 7, stride=2, padding=3, use_bias=False, name="conv1", **kw)(images)
-    x = nn.relu(batch_norm(train, "bn1", **kw)(x))  # [B, H/2, W/2, 64]
+    x = nn.relu(layers.batch_norm(train, "bn1", **kw)(x))  # [B, H/2, W/2, 64]
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
     outputs = []
     for s, n_blocks in enumerate(self.stage_sizes):
