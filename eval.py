@@ -4,20 +4,26 @@ r"""Evaluates LSeg with the official protocols; prints the scores, then writes t
   python eval.py --config configs/ade20k_lseg_vitl16.py --workdir /ckpt/lseg_ade20k --protocol multiscale
   python eval.py --config configs/ade20k_lseg_vitl16.py --checkpoint models/lseg_demo --protocol multiscale
   python eval.py --config configs/fewshot_lsegzs.py:dataset=pascal5i,fold=0 --checkpoint models/pascal0
+  python eval.py --config configs/ade20k_lseg_vitl16.py --exported lseg.jaxexport --protocol multiscale
+  python eval.py --workdir /ckpt/ade --coordinator_address=host0:1234 --num_processes=2 --process_id=I
 
-The model: --checkpoint (a converted model directory or a training workdir) or
+The model: --checkpoint (a converted model directory or a training workdir),
 --workdir's newest readable checkpoint (a damaged one is skipped with a
-warning, never deleted: evaluation only reads). Only the parameters and
-BatchNorm statistics are read, not the optimizer state.
+warning, never deleted: evaluation only reads), or --exported, a
+`python -m lseg_jax.export` artifact (no model code needed; its window must
+be input.crop_size). Only the parameters and BatchNorm statistics are read,
+not the optimizer state. Every protocol runs on all the devices of
+`config.mesh`, over one or several processes, with the scores of one device.
 The config: --config, or the run config (config.json) of --workdir (or of a
 --checkpoint that is a training workdir).
 The scores: printed, then written atomically to --out, by default
 WORKDIR/eval_<protocol>_<split>.json, or with --checkpoint alone
-./eval_<model dir name>_<protocol>_<split>.json (never into a model directory).
+./eval_<model dir or artifact name>_<protocol>_<split>.json (never into a model directory).
 
 Protocols (--protocol, default: `config.evals.protocol` or "single"):
   single      the config's eval transform (as train.py's validation), batched over the mesh;
-  multiscale  ADE20K's test_lseg.py: 6 scales x flip, sliding 480 windows (lseg_jax.inference);
+  multiscale  ADE20K's test_lseg.py: 6 scales x flip, sliding 480 windows, summed on the devices
+              (lseg_jax.inference.MultiScaleSegmenter; evals.windows_per_device, default 4);
   fewshot     test_lseg_zs.py: per-episode ['others', class], mIoU and FB-IoU (HSNet).
 mIoU / pixAcc follow PyTorch-Encoding's SegmentationMetric from a confusion
 matrix summed over devices and processes.
@@ -32,18 +38,18 @@ import functools
 import json
 import os
 from pathlib import Path
+import re
 import sys
 import tempfile
 import time
 
 from absl import flags
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lseg_jax import checkpoint, data, evaluate, inference, labels as labels_lib, metrics, sharding
+from lseg_jax import checkpoint, data, evaluate, export, inference, labels as labels_lib, losses, metrics, sharding
 from lseg_jax.data import fewshot
 from lseg_jax.models import build_model
 
@@ -59,6 +65,11 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
                       "(unless --checkpoint); results go here (unless --out).", flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "A model directory (python -m lseg_jax.convert) or training workdir.",
                       flag_values=fv)
+  flags.DEFINE_string("exported", None, "An lseg_jax.export artifact to evaluate instead of a checkpoint "
+                      "(needs --config).", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process).", flag_values=fv)
   flags.DEFINE_enum("protocol", None, ["single", "multiscale", "fewshot"], "Evaluation protocol.", flag_values=fv)
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.evals.split).", flag_values=fv)
   flags.DEFINE_string("out", None, "JSON file for the scores (default: see above).", flag_values=fv)
@@ -79,21 +90,36 @@ def progress(done: int, total: int, t0: float) -> None:
           end="" if done < total else "\n", file=sys.stderr, flush=True)
 
 
+def _eval_mesh(config) -> jax.sharding.Mesh:
+  """The devices of `config.mesh` as one data axis: evaluation replicates the model."""
+  return sharding.make_mesh([("data", sharding.make_mesh(config.mesh).devices.size)])
+
+
+def _check_batch(config, mesh, rules) -> None:
+  """evals.batch_size must split evenly over the devices the batch is sharded on."""
+  devices = sharding.batch_devices(mesh, rules)
+  if config.evals.batch_size % devices:
+    raise ValueError(f"evals.batch_size={config.evals.batch_size} must be a multiple of {devices} "
+                     "(the devices the batch is split over)")
+
+
 def single_scale(config, model, variables, text_table, split: str) -> dict:
   """train.py's validation: the config's eval transform, batched over the mesh."""
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
+  _check_batch(config, mesh, rules)
   eval_step = jax.jit(evaluate.make_eval_step(model, len(text_table)))
   loader = data.make_loader(config.input, split, global_batch_size=config.evals.batch_size, seed=0,
                             train=False, num_epochs=1)
   to_global = functools.partial(data.make_global_batch, mesh=mesh, rules=rules)
-  variables = jax.device_put(variables, sharding.replicated(mesh))
-  return evaluate.evaluate(eval_step, variables, jax.device_put(text_table, sharding.replicated(mesh)), loader,
+  variables = inference.replicate(variables, mesh)
+  return evaluate.evaluate(eval_step, variables, inference.replicate(text_table, mesh), loader,
                            data.num_examples(config.input, split), config.evals.batch_size, to_global)
 
 
 def _per_image(config, split: str):
-  """Full-size examples of this process, one at a time (padding included)."""
+  """Full-size examples of this process, one at a time (padding included:
+  every process yields the same number)."""
   cfg = ml_collections.ConfigDict(config.input.to_dict())
   cfg.eval_mode = "none"
   loader = data.make_loader(cfg, split, global_batch_size=jax.process_count(), seed=0, train=False,
@@ -102,55 +128,91 @@ def _per_image(config, split: str):
     yield {k: v[0] for k, v in batch.items()}
 
 
+def _groups(examples, size: int):
+  """Lists of `size` examples, the last one filled with None."""
+  group = []
+  for ex in examples:
+    group.append(ex)
+    if len(group) == size:
+      yield group
+      group = []
+  if group:
+    yield group + [None] * (size - len(group))
+
+
+def _padded_targets(group: list, out_hw: tuple[int, int]) -> np.ndarray:
+  """[G, H, W] label positions of a group, IGNORE outside each image and for empty slots."""
+  targets = np.full((len(group), *out_hw), losses.IGNORE, np.int32)
+  for i, ex in enumerate(group):
+    if ex is not None:
+      targets[i, :ex["mask"].shape[0], :ex["mask"].shape[1]] = ex["mask"]
+  return targets
+
+
 def multiscale(config, model, variables, text_table, split: str) -> dict:
-  """ADE20K's official multi-scale, flipped, sliding-window evaluation."""
-  mesh = sharding.make_mesh([("data", jax.local_device_count())], jax.local_devices())  # per process
+  """ADE20K's official multi-scale, flipped, sliding-window evaluation, every
+  [H, W, labels] map on the devices (`inference.MultiScaleSegmenter`); only
+  the confusion matrix comes back."""
+  mesh = _eval_mesh(config)
   ms = inference.MultiScale(base_size=config.input.base_size, crop_size=config.input.crop_size)
   mean, std = data.transforms.normalization_stats(config.input.normalization)
-  forward = inference.make_window_forward(model, jax.device_put(variables, sharding.replicated(mesh)),
-                                          text_table, chunk=2 * jax.local_device_count(),
-                                          sharding=sharding.batch_sharding(mesh, (("batch", "data"),)))
+  segmenter = inference.MultiScaleSegmenter(
+      inference.model_forward(model), variables, mesh, ms, -mean / std,
+      windows_per_device=config.evals.get("windows_per_device", 4))
   num_classes = len(text_table)
+  table = np.asarray(text_table)
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  confusion_fn = jax.jit(functools.partial(evaluate.confusion, num_classes=num_classes))
+  n_labels = config.input.get("max_labels") or num_classes
+  empty = {"label_ids": np.zeros(n_labels, np.int32), "label_mask": np.zeros(n_labels, bool)}  # an empty slot
   confusion = np.zeros((num_classes, num_classes), np.int64)
-  total, t0 = data.num_examples(config.input, split), time.time()
-  for i, ex in enumerate(_per_image(config, split)):
-    if not (ex["mask"] >= 0).any():
-      continue  # padding (or an image without labelled pixels: it adds nothing)
-    labels = ex["label_ids"][ex["label_mask"]]
-    logits = inference.multiscale_logits(forward, ex["image"], num_classes, ms, -mean / std)[..., labels]
-    pred = labels[np.argmax(logits, -1)]
-    target = np.where(ex["mask"] >= 0, labels[np.maximum(ex["mask"], 0)], -1)
-    confusion += np.asarray(metrics.confusion_matrix(pred, target, num_classes))
-    progress(min((i + 1) * jax.process_count(), total), total, t0)
-  confusion = multihost_utils.process_allgather(confusion).reshape(-1, num_classes, num_classes).sum(0)
+  total, done, t0 = data.num_examples(config.input, split), 0, time.time()
+  for group in _groups(_per_image(config, split), segmenter.slots):
+    group = [ex if ex is not None and (ex["mask"] != losses.IGNORE).any() else None for ex in group]  # padding
+    label_ids = np.stack([(ex or empty)["label_ids"] for ex in group])  # [G, N]
+    label_mask = np.stack([(ex or empty)["label_mask"] for ex in group])
+    sums, out_hw = segmenter.logit_sums([None if ex is None else ex["image"] for ex in group], table[label_ids],
+                                        label_mask)
+    to_global = lambda x: jax.make_array_from_process_local_data(data_sharding, x)
+    conf = confusion_fn(sums, to_global(_padded_targets(group, out_hw)), to_global(label_ids),
+                        to_global(label_mask))
+    confusion += np.asarray(conf, np.int64)
+    done += sum(ex is not None for ex in group)
+    progress(min(done * jax.process_count(), total), total, t0)
   return metrics.segmentation_scores(confusion)
 
 
+def _fold(builder_config: str | None) -> int:
+  """The fold of a few-shot builder config ("fold2", "fold2_n100")."""
+  match = re.match(r"fold(\d+)", builder_config or "fold0")
+  if not match:
+    raise ValueError(f"input.builder_config={builder_config!r} names no fold (fold0..fold3)")
+  return int(match.group(1))
+
+
 def fewshot_eval(config, model, variables, text_table, split: str) -> dict:
-  """test_lseg_zs.py: single scale, no flip, per-episode label pair."""
+  """test_lseg_zs.py: single scale, no flip, per-episode label pair; the
+  episodes sharded over the mesh, the areas summed on the devices."""
   names = data.label_names(config.input)  # ("others", *classes)
-  eval_fn = jax.jit(lambda v, x, t: model.apply(v, x, t))
   num_classes = len(text_table) - 1  # the table is ("others", *classes)
-  inter, union = np.zeros((num_classes, 2)), np.zeros((num_classes, 2))
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  _check_batch(config, mesh, rules)
+  step = jax.jit(evaluate.make_fewshot_step(model, num_classes))
+  variables, table = inference.replicate((variables, text_table), mesh)
   loader = data.make_loader(config.input, split, global_batch_size=config.evals.batch_size, seed=0,
-                            train=False, num_epochs=1, shard_index=jax.process_index())
-  total, done, t0 = data.num_examples(config.input, split), 0, time.time()
-  for batch in loader:
-    logits = np.asarray(eval_fn(variables, batch["image"], text_table[batch["label_ids"]]))
-    pred = np.argmax(logits, -1)
-    for p, target, ids in zip(pred, batch["mask"], batch["label_ids"]):
-      if not (target >= 0).any():
-        continue  # padding
-      i, u = metrics.fewshot_areas(p, target)
-      inter[ids[1] - 1] += i
-      union[ids[1] - 1] += u
-      done += 1
-    progress(min(done * jax.process_count(), total), total, t0)
-  inter = multihost_utils.process_allgather(inter).reshape(-1, num_classes, 2).sum(0)
-  union = multihost_utils.process_allgather(union).reshape(-1, num_classes, 2).sum(0)
+                            train=False, num_epochs=1)
+  num_batches = -(-data.num_examples(config.input, split) // config.evals.batch_size)
+  local_batch = config.evals.batch_size // jax.process_count()
+  inter, union = np.zeros((num_classes, 2), np.int64), np.zeros((num_classes, 2), np.int64)
+  total, t0 = data.num_examples(config.input, split), time.time()
+  for i, batch in enumerate(evaluate.padded_batches(loader, num_batches, local_batch)):
+    i_sum, u_sum = step(variables, data.make_global_batch(batch, mesh, rules=rules), table)
+    inter += np.asarray(i_sum, np.int64)
+    union += np.asarray(u_sum, np.int64)
+    progress(min((i + 1) * config.evals.batch_size, total), total, t0)
   benchmark = FEWSHOT_BENCHMARKS[config.input.dataset]
-  fold = int(str(config.input.builder_config or "fold0").removeprefix("fold"))
-  classes = (fewshot.fold_class_ids(benchmark, fold) if benchmark != "fss"
+  classes = (fewshot.fold_class_ids(benchmark, _fold(config.input.builder_config)) if benchmark != "fss"
              else sorted({int(c) for c in np.nonzero(union.sum(1))[0]}))
   scores = metrics.fewshot_scores(inter, union, classes)
   scores["IoU"] = {str(names[c + 1]): iou for c, iou in zip(classes, scores["IoU"])}
@@ -177,15 +239,31 @@ def parse_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl's global flags
 
 
+def _exported_flag(value: str | None) -> Path | None:
+  if value is None:
+    return None
+  path = Path(value).absolute()
+  if not path.is_file():
+    raise FileNotFoundError(f"--exported {path} does not exist or is not a file")
+  return path
+
+
 def resolve_run(fv: flags.FlagValues) -> tuple[Path, ml_collections.ConfigDict, str, str, Path]:
-  """(model path, config, protocol, split, output file) from the parsed
-  flags, every user mistake raised here, before any model is read."""
+  """(model path: a checkpoint or an exported artifact, config, protocol,
+  split, output file) from the parsed flags, every user mistake raised here,
+  before any model is read."""
   workdir, model_dir = _directory_flag("workdir", fv.workdir), _directory_flag("checkpoint", fv.checkpoint)
-  if not (workdir or model_dir):
-    raise ValueError("give --workdir (a training run) or --checkpoint (a model directory)")
-  config = fv.config or checkpoint.read_run_config(workdir or model_dir)
+  exported = _exported_flag(fv.exported)
+  if not (workdir or model_dir or exported):
+    raise ValueError("give --workdir (a training run), --checkpoint (a model directory) or --exported "
+                     "(an lseg_jax.export artifact)")
+  if exported and model_dir:
+    raise ValueError("give --checkpoint or --exported, not both")
+  model_path = exported or model_dir or workdir
+  config = fv.config or (checkpoint.read_run_config(workdir or model_dir) if not exported else None)
   if config is None:
-    raise ValueError(f"give --config: {workdir or model_dir} holds no {checkpoint.RUN_CONFIG} (a converted model)")
+    holds = f"{model_path} holds no {checkpoint.RUN_CONFIG}" + ("" if exported else " (a converted model)")
+    raise ValueError(f"give --config: {holds}")
   protocol = fv.protocol or config.evals.get("protocol", "single")
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown protocol {protocol!r} in config.evals.protocol; one of {', '.join(PROTOCOLS)}")
@@ -198,7 +276,7 @@ def resolve_run(fv: flags.FlagValues) -> tuple[Path, ml_collections.ConfigDict, 
   elif workdir:
     out = workdir / f"eval_{protocol}_{split}.json"
   else:
-    out = Path.cwd() / f"eval_{model_dir.name}_{protocol}_{split}.json"
+    out = Path.cwd() / f"eval_{model_path.stem if exported else model_path.name}_{protocol}_{split}.json"
   if out.is_dir():
     raise IsADirectoryError(f"--out {out} is a directory; give a file path such as {out / 'scores.json'}")
   if jax.process_index() == 0:
@@ -206,7 +284,7 @@ def resolve_run(fv: flags.FlagValues) -> tuple[Path, ml_collections.ConfigDict, 
       checkpoint.check_writable(out)
     except OSError as e:
       raise type(e)(f"{e}; choose another file with --out") from None
-  return model_dir or workdir, config, protocol, split, out
+  return model_path, config, protocol, split, out
 
 
 def print_scores(scores: dict) -> None:
@@ -232,17 +310,39 @@ def write_scores(out: Path, scores: dict) -> None:
     raise OSError(f"cannot write scores to {out}: {e.strerror or e}") from e
 
 
+def start_processes(fv: flags.FlagValues) -> None:
+  """Joins a multi-process run (before anything touches a JAX backend)."""
+  if fv.coordinator_address:
+    # Collectives between CPU processes (tests, CPU clusters); GPUs/TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+
+
+def load_network(model_path: Path, config, label_names) -> tuple:
+  """(model, variables without the text tower, text table [C, D]) of a
+  checkpoint, or of an exported artifact (whose parameters are inside it)."""
+  templates = config.get("prompt_templates", ("{}",))
+  if model_path.is_file():
+    model = export.load(model_path)
+    if model.window != config.input.crop_size:
+      raise ValueError(f"--exported {model_path} runs {model.window} px windows, input.crop_size is "
+                       f"{config.input.crop_size}: export with --window {config.input.crop_size}")
+    return model, {}, labels_lib.encode_labels(model, None, label_names, templates)
+  model_config, variables = checkpoint.load_model(model_path)
+  model = build_model(model_config)
+  text_table = labels_lib.encode_labels(model, variables["params"]["text_encoder"], label_names, templates)
+  variables = {"params": {k: v for k, v in variables["params"].items() if k != "text_encoder"},
+               "batch_stats": variables["batch_stats"]}
+  return model, variables, text_table
+
+
 def run(fv: flags.FlagValues, argv: list[str]) -> None:
   """Evaluates the model the command line names and reports its scores."""
   parse_flags(fv, argv)
+  start_processes(fv)
   model_path, config, protocol, split, out = resolve_run(fv)
-  model_config, variables = checkpoint.load_model(model_path)
-  model = build_model(model_config)
   label_names = data.label_names(config.input)
-  text_table = labels_lib.encode_labels(model, variables["params"]["text_encoder"], label_names,
-                                        config.get("prompt_templates", ("{}",)))
-  variables = {"params": {k: v for k, v in variables["params"].items() if k != "text_encoder"},
-               "batch_stats": variables["batch_stats"]}
+  model, variables, text_table = load_network(model_path, config, label_names)
   scores = PROTOCOLS[protocol](config, model, variables, text_table, split)
   scores = {"protocol": protocol, "split": split, "dataset": config.input.dataset, **scores}
   if isinstance(scores.get("IoU"), list):

@@ -1,16 +1,24 @@
-r"""Evaluation throughput at 480: single-scale (one 480 x 480 forward per image)
-and the official multi-scale protocol (6 scales x flip, sliding 480 windows) on
-a 512 x 683 image (ADE20K's typical size), one JSON line.
+r"""Multi-scale evaluation throughput, side by side: the host transcription
+(the official MultiEvalModule's structure: window logits pulled to the host,
+numpy sums and resizes, one image at a time) and the on-device path
+(`inference.MultiScaleSegmenter`: every [H, W, labels] map stays on the
+devices, only the label map comes back). Same model, same images, same
+protocol (6 scales x flip, 480 windows at stride 320); one JSON line per
+configuration.
 
-  python benchmarks/eval.py                                  # clip_vitl16_384, 150 labels
-  python benchmarks/eval.py --model tiny --images 4          # a quick look on a CPU
+  python benchmarks/eval.py                                   # clip_vitb32_384, 150 labels, 1 image of 512x683
+  python benchmarks/eval.py --model clip_vitl16_384 --images 4
+  python benchmarks/eval.py --model tiny --labels 7 --images 4   # a quick look
 
-Random weights; windows run in chunks of 2 per device, data parallel.
+Random weights. host_peak_mb: the peak of host (numpy) allocations during
+the timed images (tracemalloc; on a CPU the "device" buffers live in host
+memory too, outside it).
 """
 
 import argparse
 import json
 import time
+import tracemalloc
 
 import flax.linen as nn
 import jax
@@ -21,38 +29,65 @@ from lseg_jax import inference, sharding
 from lseg_jax.models import LSeg, build_model, get_model_config, init_inputs
 
 
+def timed(run, images) -> tuple[float, float]:
+  """(images/s, host peak MB) of run(image) over `images` (already compiled)."""
+  tracemalloc.start()
+  t0 = time.perf_counter()
+  for image in images:
+    run(image)
+  rate = len(images) / (time.perf_counter() - t0)
+  peak = tracemalloc.get_traced_memory()[1] / 2**20
+  tracemalloc.stop()
+  return rate, peak
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--model", default="clip_vitl16_384")
+  p.add_argument("--model", default="clip_vitb32_384")
   p.add_argument("--labels", type=int, default=150)
-  p.add_argument("--images", type=int, default=2)
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--images", type=int, default=1)
+  p.add_argument("--size", default="512,683", help="image height,width")
+  p.add_argument("--windows_per_device", type=int, default=4)
   args = p.parse_args()
 
-  config = get_model_config(args.model, dtype=args.dtype)
+  config = get_model_config(args.model)
   model = build_model(config)
   variables = jax.jit(lambda r: nn.unbox(model.init(r, *init_inputs(config), method=LSeg.segment)))(
       jax.random.key(0))
   variables["params"].pop("text_encoder")
-  text = jnp.asarray(np.random.default_rng(0).normal(size=(args.labels, config.text.embed_dim)), jnp.float32)
+  text = np.random.default_rng(0).normal(size=(args.labels, config.text.embed_dim)).astype(np.float32)
   mesh = sharding.make_mesh([("data", -1)])
-  chunk = 2 * jax.device_count()
-  forward = inference.make_window_forward(model, jax.device_put(variables, sharding.replicated(mesh)), text, chunk,
-                                          sharding.batch_sharding(mesh, (("batch", "data"),)))
-  rng = np.random.default_rng(1)
-  images = [rng.uniform(-1, 1, (512, 683, 3)).astype(np.float32) for _ in range(args.images)]
+  ms = inference.MultiScale()
   pad = np.full(3, -1.0, np.float32)
-  results = {}
-  for name, ms in (("single_scale", inference.MultiScale(scales=(480 / 520,), flip=False)),
-                   ("multi_scale", inference.MultiScale())):
-    inference.multiscale_logits(forward, images[0], args.labels, ms, pad)  # compile + warm up
-    t0 = time.perf_counter()
-    for image in images:
-      inference.multiscale_logits(forward, image, args.labels, ms, pad)
-    results[f"{name}_images_per_s"] = round(args.images / (time.perf_counter() - t0), 4)
-  print(json.dumps({"benchmark": "eval", "model": args.model, "labels": args.labels, "dtype": args.dtype,
-                    "image": [512, 683], "crop": 480, "device": jax.devices()[0].device_kind,
-                    "num_devices": jax.device_count(), **results}))
+  rng = np.random.default_rng(1)
+  hw = tuple(int(s) for s in args.size.split(","))
+  images = [rng.uniform(-1, 1, (*hw, 3)).astype(np.float32) for _ in range(args.images)]
+
+  host_forward = inference.make_window_forward(model, inference.replicate(variables, mesh), jnp.asarray(text),
+                                               2 * jax.device_count(),
+                                               sharding.batch_sharding(mesh, (("batch", "data"),)))
+  host = lambda image: np.argmax(inference.multiscale_logits(host_forward, image, args.labels, ms, pad), -1)
+
+  segmenter = inference.MultiScaleSegmenter(inference.model_forward(model), variables, mesh, ms, pad,
+                                            windows_per_device=args.windows_per_device)
+  label_mask = np.ones((segmenter.slots, args.labels), bool)
+  per_slot_text = np.broadcast_to(text, (segmenter.slots, *text.shape))
+
+  def device(image):
+    sums, _ = segmenter.logit_sums([image] + [None] * (segmenter.slots - 1), per_slot_text, label_mask)
+    return np.asarray(segmenter.positions(sums, jnp.asarray(label_mask)))[0, :hw[0], :hw[1]]
+
+  # Compiles both, and their label maps' pixel agreement.
+  results = {"same_label": round(float((host(images[0]) == device(images[0])).mean()), 6)}
+  for name, run in (("host", host), ("device", device)):
+    rate, peak = timed(run, images)
+    results[f"{name}_images_per_s"] = round(rate, 4)
+    results[f"{name}_host_peak_mb"] = round(peak, 1)
+  results["device_over_host"] = round(results["device_images_per_s"] / results["host_images_per_s"], 3)
+  print(json.dumps({"benchmark": "eval_multiscale", "model": args.model, "labels": args.labels, "image": list(hw),
+                    "scales": list(ms.scales), "flip": ms.flip, "crop": ms.crop_size,
+                    "windows_per_device": args.windows_per_device, "device": jax.devices()[0].device_kind,
+                    "num_devices": jax.device_count(), "images": args.images, **results}))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,16 @@ def padded_batches(batches: Iterable[dict], num_batches: int, batch_size: int) -
     yield batch
 
 
+def confusion(logits: jax.Array, mask: jax.Array, label_ids: jax.Array, label_mask: jax.Array,
+              num_classes: int) -> jax.Array:
+  """[C, C] (target, prediction) counts of logits [B, H, W, N] against mask
+  [B, H, W] (label positions, IGNORE), both mapped through label_ids [B, N]."""
+  pred = jnp.argmax(losses.mask_padded_labels(logits, label_mask), axis=-1)  # [B, H, W]
+  to_class = lambda pos: jnp.take_along_axis(label_ids, pos.reshape(len(pos), -1), axis=1).reshape(pos.shape)
+  target = jnp.where(mask != losses.IGNORE, to_class(jnp.maximum(mask, 0)), losses.IGNORE)
+  return metrics.confusion_matrix(to_class(pred), target, num_classes)
+
+
 def make_eval_step(model, num_classes: int) -> Callable:
   """(variables, batch, text_table) -> (confusion [C, C], loss sums)."""
 
@@ -42,13 +52,27 @@ def make_eval_step(model, num_classes: int) -> Callable:
     text = text_table[batch["label_ids"]]  # [B, N, D]
     logits = model.apply(variables, batch["image"], text, batch["label_mask"], train=False)
     _, sums = losses.pixel_cross_entropy(logits, batch["mask"], batch["label_mask"])
-    pred = jnp.argmax(losses.mask_padded_labels(logits, batch["label_mask"]), axis=-1)  # [B, H, W]
-    to_class = lambda pos: jnp.take_along_axis(batch["label_ids"], pos.reshape(len(pos), -1), axis=1)
-    target = jnp.where(batch["mask"] >= 0, to_class(jnp.maximum(batch["mask"], 0)).reshape(pred.shape), -1)
-    pred = to_class(pred).reshape(pred.shape)
-    return metrics.confusion_matrix(pred, target, num_classes), sums
+    return confusion(logits, batch["mask"], batch["label_ids"], batch["label_mask"], num_classes), sums
 
   return eval_step
+
+
+def make_fewshot_step(model, num_classes: int) -> Callable:
+  """(variables, batch, text_table) -> (intersection, union) [C, 2] int32 of
+  (others, class) per episode class, summed over the batch (HSNet's areas,
+  `metrics.fewshot_areas`; ignored and padding pixels count nowhere)."""
+
+  def fewshot_step(variables, batch, text_table):
+    logits = model.apply(variables, batch["image"], text_table[batch["label_ids"]], batch["label_mask"])
+    pred = jnp.argmax(losses.mask_padded_labels(logits, batch["label_mask"]), axis=-1)  # [B, H, W] in {0, 1}
+    target, valid = batch["mask"], batch["mask"] != losses.IGNORE
+    areas = lambda hit: jnp.stack([(hit(c) & valid).sum((1, 2)) for c in (0, 1)], -1)  # [B, 2]
+    inter = areas(lambda c: (pred == c) & (target == c))
+    union = areas(lambda c: (pred == c) | (target == c))
+    episode_class = jax.nn.one_hot(batch["label_ids"][:, 1] - 1, num_classes, dtype=jnp.int32)  # [B, C]
+    return episode_class.T @ inter, episode_class.T @ union
+
+  return fewshot_step
 
 
 def evaluate(eval_step: Callable, variables, text_table, batches: Iterable[dict], num_examples: int,

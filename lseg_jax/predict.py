@@ -3,6 +3,11 @@ r"""Segment images with any labels: colour map, overlay with legend, label ids.
   python -m lseg_jax.predict --checkpoint models/lseg_demo --labels "dog,grass,other" --out out/ img1.jpg imgs/
   python -m lseg_jax.predict --checkpoint /tmp/lseg_jax_demo --labels "background,circle,star" \
       --template "a photo of a {}." --template "a picture of a {}." --save_logits --out out/ img.png
+  python -m lseg_jax.predict --exported lseg.jaxexport --labels "dog,grass,other" --out out/ img.jpg
+
+The model: --checkpoint (a model directory or training workdir) or --exported
+(a `python -m lseg_jax.export` artifact: its window is the crop size, its
+normalisation the one it was exported with).
 
 Outputs. For each image NAME (its file name, suffix kept, so x.jpg and x.png
 never share outputs; the same name from two folders gets NAME-2, NAME-3, ...
@@ -29,12 +34,14 @@ validated on, and the label map is always at the image's own size.
 --square / --no-square, --base_size and --crop_size override these; the
 normalisation is the run's (else the official one for the backbone).
 --scales / --flip give the multi-scale protocol; several --template values are
-averaged (prompt ensembling).
+averaged (prompt ensembling). The images run in groups, one per device, on
+the on-device path of `lseg_jax.inference.MultiScaleSegmenter`: the [H, W, N]
+logits never reach the host (unless --save_logits), only the label map does.
 
 Images of every PIL mode are read as RGB: 16-bit and 32-bit gray (I;16, I, F)
 are scaled to 0..255, not clipped; transparent images are composited over
 white; EXIF orientation is applied. An unreadable image is reported and
-skipped, as is one whose logits would need more than --max_logits_gb of host
+skipped, as is one whose logits would need more than --max_logits_gb of device
 memory (checked from its header before any work).
 
 Exit codes: 0 all images segmented; 1 some images failed (each named on
@@ -51,14 +58,14 @@ from pathlib import Path
 import sys
 import tempfile
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from lseg_jax import checkpoint, data, inference, labels as labels_lib
+from lseg_jax import checkpoint, data, export, inference, labels as labels_lib, sharding
 from lseg_jax.data import transforms
 from lseg_jax.models import build_model, presets
-from lseg_jax.models.layers import resize_bilinear_np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # lseg_app.py: LSeg_MultiEvalModule with LSegModule's base_size and crop_size.
@@ -69,6 +76,7 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf",
               "Arial Unicode.ttf", "Arial.ttf", "arial.ttf")
 MAX_LEGEND_COLUMNS = 6
+WINDOWS_PER_DEVICE = 4  # windows each device runs per step
 
 
 class ImageError(Exception):
@@ -182,33 +190,50 @@ def input_geometry(run: ml_collections.ConfigDict | None, square: bool | None, b
 
 
 def logits_gb(h: int, w: int, num_labels: int, geometry: Geometry, ms: inference.MultiScale) -> float:
-  """Peak host memory, in GB, of one image's float32 logits: the [H, W, N] sum
-  and the bilinear resize into it (about 4 maps of that size at once), and the
-  largest scale's padded map and window logits (plus the square's map); the
-  normalised image's copies count as 3 more labels."""
+  """Peak device memory, in GB, of one image's float32 logits: the summed
+  [H, W, N] map on the bucketed size, one window's share of it being added
+  (and, square, the map resized back), the window logits of a step and
+  their row resample; the image's copies count as 3 more labels."""
   src_h, src_w = (geometry.base_size, geometry.base_size) if geometry.square else (h, w)
-  full = 4 * h * w + (4 * src_h * src_w if geometry.square else 0)
-  crop, stride = ms.crop_size, int(ms.crop_size * ms.stride_rate)
-  largest = 0
-  for scale in ms.scales:
-    sh, sw = inference.scaled_size(src_h, src_w, int(math.ceil(ms.base_size * scale)))
-    ph, pw = max(sh, crop), max(sw, crop)
-    windows = len(inference.window_grid(ph, pw, crop, stride)) if max(sh, sw) > crop else 1
-    largest = max(largest, 2 * ph * pw + windows * crop * crop * (3 if ms.flip else 2))
-  return 4 * (num_labels + 3) * (full + largest) / 1e9
+  src = inference.size_bucket(src_h) * inference.size_bucket(src_w)
+  full = inference.size_bucket(h) * inference.size_bucket(w) if geometry.square else 0
+  crop = ms.crop_size
+  windows = WINDOWS_PER_DEVICE * crop * crop + inference.size_bucket(src_h) * crop
+  return 4 * (num_labels + 3) * (2 * src + 2 * full + windows) / 1e9
 
 
-def predict_logits(forward: inference.WindowForward, image: np.ndarray, num_labels: int, geometry: Geometry,
-                   ms: inference.MultiScale, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """Logits [H, W, N] of a uint8 image [H, W, 3], by `geometry`."""
-  h, w = image.shape[:2]
-  if not geometry.square:
-    return inference.multiscale_logits(forward, transforms.normalize(image, mean, std), num_labels, ms, -mean / std)
-  side = geometry.base_size
-  square = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))  # [S, S, 3], as the runs resize
-  logits = inference.multiscale_logits(forward, transforms.normalize(square, mean, std), num_labels, ms,
-                                       -mean / std)  # [S, S, N]
-  return resize_bilinear_np(logits[None], (h, w), align_corners=True)[0]  # [H, W, N]
+def square_input(image: np.ndarray, side: int) -> np.ndarray:
+  """[S, S, 3] uint8: the whole image resized as the "resize" runs do (PIL bilinear)."""
+  return np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _resize_back(sums: jax.Array, out_hw: tuple[int, int], rows: tuple, cols: tuple) -> jax.Array:
+  """[G, S, S, N] square logits -> [G, *out_hw, N], per-image taps."""
+  del out_hw  # in the taps' shapes; static for the cache key only
+  return jax.vmap(inference.resample)(sums, rows[0], rows[1], cols[0], cols[1])
+
+
+def predict_images(segmenter: inference.MultiScaleSegmenter, images: Sequence[np.ndarray], text: np.ndarray,
+                   geometry: Geometry, mean: np.ndarray, std: np.ndarray, save_logits: bool
+                   ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+  """(label ids [h, w], logits [h, w, N] with save_logits, else None) of up
+  to `segmenter.slots` uint8 images, by `geometry`: the logits are summed,
+  resized back (square) and reduced to labels on the devices."""
+  inputs = [square_input(im, geometry.base_size) if geometry.square else im for im in images]
+  slots = [transforms.normalize(x, mean, std) for x in inputs] + [None] * (segmenter.slots - len(images))
+  label_mask = np.ones((segmenter.slots, len(text)), bool)
+  sums, _ = segmenter.logit_sums(slots, np.broadcast_to(text, (segmenter.slots, *text.shape)), label_mask)
+  if geometry.square:
+    out_hw = segmenter.out_size([im.shape[:2] for im in images])
+    sizes = [im.shape[:2] for im in images] + [(1, 1)] * (segmenter.slots - len(images))
+    taps = lambda axis: tuple(np.stack(t) for t in zip(*[inference.resample_taps(geometry.base_size, hw[axis],
+                                                                                 out_hw[axis]) for hw in sizes]))
+    sums = _resize_back(sums, out_hw, taps(0), taps(1))  # [G, H, W, N]
+  ids = np.asarray(segmenter.positions(sums, label_mask))
+  logits = np.asarray(sums) if save_logits else None  # the only [H, W, N] copy to the host, when asked
+  return [(ids[i, :h, :w], None if logits is None else logits[i, :h, :w])
+          for i, (h, w) in enumerate(im.shape[:2] for im in images)]
 
 
 # ------------------------------------------------------------------ model
@@ -402,15 +427,14 @@ def preflight(paths: Sequence[Path], num_labels: int, geometry: Geometry, ms: in
   return good
 
 
-def write_outputs(out: Path, name: str, image: np.ndarray, logits: np.ndarray, labels: Sequence[tuple[str, str | None]],
-                  colours: np.ndarray, save_logits: bool) -> None:
-  """The label map, overlay, ids (and logits) of one image, named NAME_*."""
-  ids = np.argmax(logits, axis=-1)  # [H, W]
+def write_outputs(out: Path, name: str, image: np.ndarray, ids: np.ndarray, logits: np.ndarray | None,
+                  labels: Sequence[tuple[str, str | None]], colours: np.ndarray) -> None:
+  """The label map, overlay, ids (and logits, when given) of one image, named NAME_*."""
   Image.fromarray(colours[ids]).save(out / f"{name}_labels.png")
   overlay_with_legend(image, ids, labels, colours).save(out / f"{name}_overlay.png")
   Image.fromarray(ids.astype(np.uint8 if len(labels) < 256 else np.uint16)).save(out / f"{name}_ids.png")
   np.save(out / f"{name}_ids.npy", ids.astype(np.int32))
-  if save_logits:
+  if logits is not None:
     np.save(out / f"{name}_logits.npy", logits)
 
 
@@ -418,7 +442,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m lseg_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("images", nargs="+", help="image files or folders")
-  p.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+  model = p.add_mutually_exclusive_group(required=True)
+  model.add_argument("--checkpoint", help="model directory or training workdir")
+  model.add_argument("--exported", help="an artifact of python -m lseg_jax.export (no model code needed)")
   p.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'dog,grass,other'")
   p.add_argument("--template", action="append", help="prompt template with {} (repeat to ensemble)")
   p.add_argument("--out", required=True, help="output folder")
@@ -431,8 +457,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--flip", action="store_true", help="add mirrored predictions")
   p.add_argument("--save_logits", action="store_true", help="also write NAME_logits.npy")
   p.add_argument("--max_logits_gb", type=float, default=4.0,
-                 help="skip images whose logits need more host memory than this (GB)")
+                 help="skip images whose logits need more device memory than this (GB)")
   return p.parse_args(argv)
+
+
+def load_network(args: argparse.Namespace, names: Sequence[str]) -> tuple:
+  """(forward, params, text [N, D], model config, normalisation) of
+  --checkpoint or --exported (whose parameters are inside it)."""
+  templates = args.template or ("{}",)
+  if args.exported:
+    model = export.load(args.exported)
+    text = labels_lib.encode_labels(model, None, names, templates)
+    return inference.model_forward(model), {}, text, ml_collections.ConfigDict(model.meta["model"]), \
+        model.meta["normalization"]
+  run = checkpoint.read_run_config(args.checkpoint)
+  config, variables = checkpoint.load_model(args.checkpoint)
+  model = build_model(config)
+  text = labels_lib.encode_labels(model, variables["params"]["text_encoder"], names, templates)
+  params = {"params": {k: v for k, v in variables["params"].items() if k != "text_encoder"},
+            "batch_stats": variables["batch_stats"]}
+  return inference.model_forward(model), params, text, config, input_normalization(run, config)
+
+
+def run_geometry(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict | None, Geometry]:
+  """(the training run config or None, the input geometry), before any model is read."""
+  if args.exported:
+    window = export.load(args.exported).window
+    if args.crop_size not in (None, window):
+      raise ValueError(f"--crop_size {args.crop_size}: {args.exported} runs {window} px windows")
+    return None, input_geometry(None, args.square, args.base_size, window)
+  checkpoint.read_model_config(args.checkpoint)  # a model directory at all
+  run = checkpoint.read_run_config(args.checkpoint)
+  return run, input_geometry(run, args.square, args.base_size, args.crop_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,9 +497,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     names = labels_lib.parse_labels(args.labels)
     scales = parse_scales(args.scales)
-    model_config = checkpoint.read_model_config(args.checkpoint)
-    run = checkpoint.read_run_config(args.checkpoint)
-    geometry = input_geometry(run, args.square, args.base_size, args.crop_size)
+    run, geometry = run_geometry(args)
     check_sizes(geometry, args.max_logits_gb)
     prepare_out_dir(out)
     ms = inference.MultiScale(scales=scales, flip=args.flip, base_size=geometry.base_size,
@@ -452,9 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     good = preflight(paths, len(names), geometry, ms, args.max_logits_gb)
     if not good:
       return 2
-    config, variables = checkpoint.load_model(args.checkpoint)
-    model = build_model(config)
-    text = labels_lib.encode_labels(model, variables["params"]["text_encoder"], names, args.template or ("{}",))
+    forward, params, text, config, normalization = load_network(args, names)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -466,28 +518,30 @@ def main(argv: list[str] | None = None) -> int:
   if unrenderable:
     print(f"note: no font here renders the labels {unrenderable}: the legend writes them as \\u escapes "
           "(install a Noto font that covers them)", file=sys.stderr)
-  forward = inference.make_window_forward(model, variables, text, chunk=2)
-  mean, std = transforms.normalization_stats(input_normalization(run, config))
-  colours = palette(len(names))
-  for path, name in zip(good, output_names(good)):
-    try:
-      image = read_image(path)
-      logits = predict_logits(forward, image, len(names), geometry, ms, mean, std)  # [H, W, N]
-      write_outputs(out, name, image, logits, labels, colours, args.save_logits)
-    except ImageError as e:
-      print(f"error: {e}", file=sys.stderr)
-      failed += 1
+  mean, std = transforms.normalization_stats(normalization)
+  segmenter = inference.MultiScaleSegmenter(forward, params, sharding.make_mesh([("data", -1)]), ms, -mean / std,
+                                            windows_per_device=WINDOWS_PER_DEVICE)
+  colours, text = palette(len(names)), np.asarray(text)
+  named = list(zip(good, output_names(good)))
+  for start in range(0, len(named), segmenter.slots):
+    batch = []  # (path, name, image) read in this group
+    for path, name in named[start:start + segmenter.slots]:
+      try:
+        batch.append((path, name, read_image(path)))
+      except ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        failed += 1
+    if not batch:
       continue
-    except OSError as e:
-      print(f"error: cannot write the outputs of {path}: {e}", file=sys.stderr)
-      failed += 1
-      continue
-    except MemoryError:
-      print(f"error: out of memory segmenting {path}: use fewer labels, a smaller image or a lower --max_logits_gb",
-            file=sys.stderr)
-      failed += 1
-      continue
-    print(f"{path} -> {out / name}_*.png ({image.shape[1]}x{image.shape[0]})")
+    results = predict_images(segmenter, [image for *_, image in batch], text, geometry, mean, std, args.save_logits)
+    for (path, name, image), (ids, logits) in zip(batch, results):
+      try:
+        write_outputs(out, name, image, ids, logits, labels, colours)
+      except OSError as e:
+        print(f"error: cannot write the outputs of {path}: {e}", file=sys.stderr)
+        failed += 1
+        continue
+      print(f"{path} -> {out / name}_*.png ({image.shape[1]}x{image.shape[0]})")
   return 1 if failed else 0
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lseg_jax import inference, metrics
+from lseg_jax import inference, metrics, sharding
 from lseg_jax.models.layers import resize_bilinear_np
 from test_train import tiny_config, train
 
@@ -128,6 +129,45 @@ def test_multiscale_matches_the_official_algorithm(hw):
   pad = np.full(3, -1.0, np.float32)
   ours = inference.multiscale_logits(fake_forward, image, 2, ms, pad)
   np.testing.assert_allclose(ours, official_multiscale(fake_forward, image, 2, ms, pad), rtol=1e-5, atol=1e-5)
+
+
+def device_fake_forward(params, batch, text, label_mask):
+  """fake_forward, traceable (the device path's DeviceForward)."""
+  y = jnp.arange(batch.shape[1])[None, :, None, None] / 10.0
+  return jnp.concatenate([batch.sum(-1, keepdims=True) * (1 + y), batch[..., :1] ** 2], -1)
+
+
+def test_on_device_multiscale_equals_the_transcription():
+  """8 devices, 3 non-square images in one group (5 empty slots), scales whose
+  long side is below (0.5: 40) and above (1.0, 1.5) the 64 crop, flip."""
+  ms = inference.MultiScale(scales=(0.5, 1.0, 1.5), flip=True, base_size=80, crop_size=64)
+  pad = np.full(3, -1.0, np.float32)
+  mesh = sharding.make_mesh([("data", 8)])
+  segmenter = inference.MultiScaleSegmenter(device_fake_forward, {}, mesh, ms, pad, windows_per_device=3)
+  rng = np.random.default_rng(2)
+  images = [rng.uniform(-1, 1, (*hw, 3)).astype(np.float32) for hw in [(30, 40), (90, 130), (130, 50)]]
+  group = images + [None] * (segmenter.slots - len(images))
+  sums, out_hw = segmenter.logit_sums(group, np.zeros((8, 2, 4), np.float32), np.ones((8, 2), bool))
+  sums = np.asarray(sums)
+  assert out_hw == (160, 160) and sums.shape == (8, 160, 160, 2)
+  for i, image in enumerate(images):
+    h, w = image.shape[:2]
+    reference = official_multiscale(fake_forward, image, 2, ms, pad)
+    np.testing.assert_allclose(sums[i, :h, :w], reference, rtol=1e-5, atol=1e-4)
+    assert not sums[i, h:].any() and not sums[i, :, w:].any()  # the padding stays empty
+  assert not sums[len(images):].any()
+
+
+def test_image_sizes_compile_once_per_bucket():
+  assert [inference.size_bucket(n) for n in (20, 64, 65, 200, 512, 513, 683)] == [32, 64, 96, 224, 512, 640, 768]
+  ms = inference.MultiScale(scales=(0.75, 1.25), flip=False, base_size=48, crop_size=32)
+  segmenter = inference.MultiScaleSegmenter(device_fake_forward, {}, sharding.make_mesh([("data", 1)]), ms,
+                                            np.zeros(3, np.float32), windows_per_device=2)
+  sizes = [(33, 47), (40, 60), (50, 50), (61, 41), (64, 64), (70, 90), (90, 40)]
+  for hw in sizes:
+    segmenter.logit_sums([np.ones((*hw, 3), np.float32)], np.zeros((1, 2, 4), np.float32), np.ones((1, 2), bool))
+  buckets = {tuple(inference.size_bucket(n) for n in hw) for hw in sizes}
+  assert len(buckets) == 3 and segmenter.step._cache_size() == len(buckets)  # 7 sizes, 3 compilations
 
 
 def test_flip_symmetry():
