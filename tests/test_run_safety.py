@@ -21,14 +21,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lseg_jax import config_lib, workdir as workdir_lib
+from lseg_jax import checkpoint, config_lib, workdir as workdir_lib
 from test_train import COMPILE_CACHE, ROOT, flag_args, run_script, tiny_config
 
 
 def restorable_steps(workdir: Path) -> list[int]:
   """Finished steps whose `state` restores completely (every array read)."""
   steps = []
-  for step in workdir_lib.finished_steps(workdir):
+  for step in checkpoint.finished_steps(workdir):
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(workdir / "checkpoints" / str(step) / "state")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
