@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
   status(f"dataset: {config.input.dataset} (prepared on first use)")
   with config_lib.user_errors():  # a missing manual_dir, an empty split, ...
     label_names = data.label_names(config.input)
-    num_train = data.num_examples(config.input, config.input.split)
+    num_train = data.num_examples(config.input, config.input.split, train=True)  # images per epoch
     steps_per_epoch = max(num_train // config.input.batch_size, 1)
     if config.total_epochs:
       config.unlock()
@@ -201,6 +201,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_ckpts, enable_async_checkpointing=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": data.checkpoint_handler()})
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  workdir.mkdir(parents=True, exist_ok=True)
   with config_lib.user_errors():  # checkpoints of another model
     manager, restored, restored_iter, resumed = workdir_lib.restore_latest(
         make_manager, workdir, abstract, data.checkpoint_restore(train_iter))
@@ -240,7 +241,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
-      last = next(iter(workdir_lib.finished_steps(workdir)), None)
+      last = checkpoint.latest_step(workdir)
       raise RunFault(f"saving checkpoint {saved['pending']} failed ({type(e).__name__}: "
                      f"{str(e).strip().splitlines()[0][:300]}); the last good checkpoint is "
                      f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}") from None
@@ -265,7 +266,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
                                                                       to_global, writer, step, label_names),
                         manager)
   except OSError as e:  # a full disk or a lost mount while writing metrics
-    last = next(iter(workdir_lib.finished_steps(workdir)), None)
+    last = checkpoint.latest_step(workdir)
     raise RunFault(f"{type(e).__name__}: {e}; the last good checkpoint is "
                    f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}") from e
   finally:

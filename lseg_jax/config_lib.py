@@ -140,7 +140,8 @@ def nearest_keys(key: str, known: list[str]) -> list[str]:
   same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == last]
   close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
   close_leaf = [k for k in known if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.8)]
-  return list(dict.fromkeys(same_leaf + close + close_leaf))[:5]
+  prefix = [k for k in known if len(leaf := k.rsplit(".", 1)[-1]) >= 2 and last.startswith(leaf)]  # lr_typo -> lr
+  return list(dict.fromkeys(same_leaf + close + close_leaf + prefix))[:5]
 
 
 def unknown_key_error(key: str, known: list[str]) -> str:

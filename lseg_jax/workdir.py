@@ -57,13 +57,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     raise
 
 
-def finished_steps(workdir: Path) -> list[int]:
-  """The finalised checkpoint steps (orbax renames a step's directory into
-  place only once complete), newest first."""
-  root = workdir / "checkpoints"
-  return sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True) if root.is_dir() else []
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
   """'key: saved -> current' for every leaf field that differs, except those
   a resumed run may change (config_lib.RESUMABLE_CHANGES)."""
@@ -80,14 +73,14 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config
   if workdir.exists() and not workdir.is_dir():
     raise WorkdirError(f"--workdir {workdir} is a file, not a directory")
   saved = checkpoint.read_run_config(workdir) if (workdir / checkpoint.RUN_CONFIG).is_file() else None
-  if saved is None or not finished_steps(workdir):
+  if saved is None or not checkpoint.finished_steps(workdir):
     return []  # a new run, or a launch that failed before its first checkpoint: nothing to protect
   diff = config_differences(saved.to_dict(), json.loads(config.to_json_best_effort()))
   if diff and not allow_config_change:
     shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} fields)" if len(diff) > 6 else "")
     raise WorkdirError(
-        f"{workdir} holds checkpoints (up to step {finished_steps(workdir)[0]}) of a run with another config "
-        f"({shown}): give a new --workdir, or pass --allow_config_change to resume that run with these changes")
+        f"{workdir} holds checkpoints (up to step {checkpoint.latest_step(workdir)}) of a run with another "
+        f"config ({shown}): give a new --workdir, or pass --allow_config_change to resume that run with these changes")
   return diff
 
 
@@ -156,7 +149,7 @@ def restore_latest(manager_fn, workdir: Path, abstract_state, data_restore_args)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   manager = manager_fn()
-  for step in finished_steps(workdir):
+  for step in checkpoint.finished_steps(workdir):
     try:
       metadata = manager.item_metadata(step)["state"]
       tree = metadata.tree if hasattr(metadata, "tree") else metadata

@@ -21,14 +21,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lseg_jax import config_lib, workdir as workdir_lib
+from lseg_jax import checkpoint, config_lib, workdir as workdir_lib
 from test_train import COMPILE_CACHE, ROOT, flag_args, run_script, tiny_config
 
 
 def restorable_steps(workdir: Path) -> list[int]:
   """Finished steps whose `state` restores completely (every array read)."""
   steps = []
-  for step in workdir_lib.finished_steps(workdir):
+  for step in checkpoint.finished_steps(workdir):
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(workdir / "checkpoints" / str(step) / "state")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
@@ -108,15 +108,10 @@ def test_allow_config_change_resumes_but_never_onto_another_tree(shapes_config, 
 
 
 @pytest.mark.parametrize("bad,message", [
-    (["--config.input.batch_size=0"], r"input\.batch_size=0 must be positive"),
-    (["--config.total_steps=0", "--config.total_epochs=0"], "total_steps or total_epochs"),
-    (["--config.lr_typo=1"], "unknown config key 'lr_typo'"),
-    (["--config.batch_size=8"], "input.batch_size"),
-    (["--config.optim.lr=1"], "unknown config key 'optim.lr'"),
-    (["--config.init.vit=/nonexistent.npz"], "/nonexistent.npz does not exist"),
-    (["--config=configs/nonexistent.py"], "configs/nonexistent.py"),
-    (["--config=configs/demo.py:backbone=huge"], "unknown backbone 'huge'"),
-], ids=["batch", "no_steps", "typo", "misplaced", "unknown_section", "init_file", "config_file", "config_arg"])
+    (["--config.input.batch_size=0"], r"input\.batch_size=0 must be positive"),  # config_lib.validate
+    (["--config.batch_size=8"], "input.batch_size"),  # flag parsing: a misplaced key
+    (["--config=configs/demo.py:backbone=huge"], "unknown backbone 'huge'"),  # the config file's own error
+], ids=["validate", "misplaced_key", "config_arg"])
 def test_a_failed_launch_is_one_line_and_touches_nothing(shapes_config, copy_of, bad, message):
   before = {p: p.read_bytes() for p in copy_of.glob("*.json")}
   code, out, err = run(["--workdir", str(copy_of), *with_flags(flag_args(shapes_config), bad)])
@@ -190,6 +185,23 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(s
   assert restorable_steps(workdir) == [40]  # nothing half-written is visible as a step
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--config.lr_typo=1"], "unknown config key 'lr_typo'; did you mean lr"),
+    (["--config.batch_size=8"], "unknown config key 'batch_size'; did you mean evals.batch_size, input.batch_size"),
+    (["--config.optim.lr=1"], "unknown config key 'optim.lr'; did you mean lr"),
+    (["--config.input.crop_sise=64"], "unknown config key 'input.crop_sise'; did you mean input.crop_size"),
+    (["--config.input.crop_size=64"], None),
+])
+def test_a_misspelt_override_names_the_key_and_the_nearest_ones(argv, message):
+  error = config_lib.override_error(str(ROOT / "configs" / "demo.py"), argv)
+  assert error == message if message is None else error.startswith(message), error
+
+
+def test_a_config_file_that_does_not_load_is_named():
+  with pytest.raises(FileNotFoundError, match="configs/nonexistent.py does not exist"):
+    config_lib.load_config_file("configs/nonexistent.py")
+
+
 def test_validate_names_the_field(shapes_config):
   cases = [
       (dict(input_batch=0), r"input\.batch_size=0 must be positive"),
@@ -204,6 +216,8 @@ def test_validate_names_the_field(shapes_config):
       (dict(loss_reduction="replicas", ddp_replicas=3), r"x ddp_replicas=3"),
       (dict(schedule_kind="step"), "schedule.kind='step'"),
       (dict(evals_batch=4), r"evals\.batch_size=4 must be a multiple of 8 \(the devices"),
+      (dict(total_steps=0, total_epochs=0.0), "set total_steps or total_epochs"),
+      (dict(init={"vit": "/nonexistent.npz"}), "init.vit=/nonexistent.npz does not exist"),
   ]
   for overrides, message in cases:
     config = tiny_config(shapes_config)
