@@ -189,7 +189,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
 
   # ------------------------------------------------------------ update step
   train_step = training.make_train_step(model, tx, sched, accum=config.grad_accum_steps,
-                                        reduction=config.loss_reduction, replicas=config.ddp_replicas)
+                                        reduction=config.loss_reduction, replicas=config.ddp_replicas,
+                                        activations=(mesh, rules))
   train_step = jax.jit(train_step, donate_argnums=(0,),
                        in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
@@ -293,6 +294,7 @@ def train_loop(config, state, train_iter, train_step, text_table, to_global, sav
       cost = compiled.cost_analysis()
       step_flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
       status(f"compiled in {time.time() - t:.0f}s; training steps {first_step + 1}..{config.total_steps}")
+      status(f"per-device memory (GiB): {sharding.compiled_memory_gib(compiled)}")
     state, measurements = compiled(state, batch, text_table)
     check_saves()
     if pending is not None:

@@ -2,6 +2,7 @@ r"""Jitted forward of an LSeg preset: compile time and steady-state time, one JS
 
   python benchmarks/forward.py                       # clip_vitl16_384, 1 x 384 x 384, 5 labels
   python benchmarks/forward.py --model clip_vitb32_384 --size 480 --batch 2 --dtype bfloat16
+  python benchmarks/forward.py --model clip_vitb32_384 --attention xla   # the attention core A/B
 
 Random weights (speed does not depend on them). Times are the median of
 --repeats runs after one warm-up; on this 2-core CPU the absolute number is
@@ -27,10 +28,11 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--labels", type=int, default=5)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--attention", default="plain", help="plain | xla | cudnn (models/transformer.py)")
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args()
 
-  config = get_model_config(args.model, dtype=args.dtype)
+  config = get_model_config(args.model, dtype=args.dtype, attention=args.attention)
   model = build_model(config)
   variables = jax.jit(lambda r: nn.unbox(model.init(r, *init_inputs(config), method=LSeg.segment)))(
       jax.random.key(0))
@@ -51,7 +53,7 @@ def main() -> None:
   cost = cost[0] if isinstance(cost, list) else cost
   print(json.dumps({
       "benchmark": "forward", "model": args.model, "batch": args.batch, "size": args.size,
-      "labels": args.labels, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+      "labels": args.labels, "dtype": args.dtype, "attention": args.attention, "device": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "compile_s": round(compile_s, 2),
       "forward_s": round(float(np.median(times)), 4),
       "images_per_s": round(args.batch / float(np.median(times)), 3),

@@ -9,9 +9,16 @@ turns those names into mesh axes, for example FSDP + tensor parallelism:
 
 A dimension that the mesh axes do not divide (the 3 input channels of the
 patch embedding, say) stays replicated, so any model runs on any mesh.
+
+Activations are named the same way (`batch`, `length`, `embed`, `mlp`; see
+`models/transformer.py`): inside `activation_layout` the same table pins them,
+so the FSDP and tensor layouts of the step are declared rather than left to
+GSPMD's propagation. A name without a rule, or whose mesh axes an earlier
+name of the same array took (`embed` after `batch` under FSDP), replicates.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 
 import flax.linen as nn
 import jax
@@ -25,8 +32,10 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
   """A mesh from (name, size) pairs; one size may be -1 (all remaining devices).
   Without -1 the mesh may use fewer than all devices (the first ones).
 
-  Axis types are Auto (GSPMD): jax.make_mesh now defaults to Explicit, with
-  which plain sharded matmuls fail.
+  The device order is `jax.make_mesh`'s: on GPUs and TPUs it follows the
+  interconnect (the last axes within a host or ICI ring), on CPUs it is the
+  plain order. Axis types are Auto (GSPMD): jax.make_mesh defaults to
+  Explicit, with which plain sharded matmuls fail.
   """
   devices = list(jax.devices() if devices is None else devices)
   names = tuple(name for name, _ in axes)
@@ -41,8 +50,8 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
   if int(np.prod(sizes)) > len(devices):
     raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"{len(devices)} are available")
-  grid = np.asarray(devices[:int(np.prod(sizes))]).reshape(sizes)
-  return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices[:int(np.prod(sizes))])
 
 
 def _axis_names(axes) -> tuple[str, ...]:
@@ -96,3 +105,26 @@ def batch_devices(mesh: Mesh, rules: Rules) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Within it (while a function is traced), `nn.with_logical_constraint`
+  pins activations to `mesh` by `rules`; outside it the constraints are no-ops."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_rules(mesh, rules)):
+    yield
+
+
+MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+
+
+def compiled_memory_gib(compiled) -> dict[str, float] | None:
+  """Per-device memory of a compiled step from XLA's buffer assignment, GiB:
+  the MEMORY_FIELDS and `total` = argument + output - alias (donated) + temp
+  + code, what must fit on one device. None where the backend reports nothing."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  out = {f: getattr(stats, f"{f}_size_in_bytes") / 2**30 for f in MEMORY_FIELDS}
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+  return {k: round(v, 3) for k, v in out.items()}

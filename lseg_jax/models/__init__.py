@@ -10,14 +10,19 @@ from lseg_jax.models.dpt import READOUTS, Fusion, Reassemble
 from lseg_jax.models.lseg import ACTIVATIONS, ARCH_OPTIONS, LSeg, LSegHead
 from lseg_jax.models.presets import BACKBONES, OFFICIAL_BACKBONES, get_model_config
 from lseg_jax.models.resnet import ResNet
+from lseg_jax.models.transformer import ATTENTION
 from lseg_jax.models.vit import REMAT_POLICIES, ViT
 
 __all__ = ["BACKBONES", "LSeg", "OFFICIAL_BACKBONES", "abstract_variables", "build_model", "get_model_config", "init_inputs"]
 
 
-def _check_choice(config: ml_collections.ConfigDict, key: str, choices) -> None:
-  if config[key] not in choices:
-    raise ValueError(f"model.{key}={config[key]!r} is not one of {sorted(choices)}")
+def _check_choice(config: ml_collections.ConfigDict, key: str, choices, default=None):
+  """config[key] (`default` where a config saved before the field lacks it),
+  checked against `choices`."""
+  value = config.get(key, default)
+  if value not in choices:
+    raise ValueError(f"model.{key}={value!r} is not one of {sorted(choices)}")
+  return value
 
 
 def build_model(config: ml_collections.ConfigDict) -> LSeg:
@@ -27,9 +32,10 @@ def build_model(config: ml_collections.ConfigDict) -> LSeg:
   _check_choice(config, "arch_option", ARCH_OPTIONS)
   _check_choice(config, "activation", ACTIVATIONS)
   _check_choice(config, "remat_policy", REMAT_POLICIES)
+  attention = _check_choice(config, "attention", ATTENTION, default="plain")
   kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
   if config.kind == "vit":
-    backbone = ViT(**config.vit, remat_policy=config.remat_policy, **kw)
+    backbone = ViT(**config.vit, remat_policy=config.remat_policy, attention=attention, **kw)
     reassemble = Reassemble(config.readout, tuple(config.channels), config.vit.patch_size, **kw)
   else:
     backbone, reassemble = ResNet(**config.resnet, **kw), None

@@ -62,6 +62,7 @@ def get_model_config(backbone: str = "clip_vitl16_384", **overrides) -> ml_colle
       dtype="float32",  # compute dtype
       param_dtype="float32",
       remat_policy="none",  # none | full | dots_saveable (ViT blocks)
+      attention="plain",  # plain | xla | cudnn (ViT blocks; models/transformer.py)
   ))
   config.update(overrides)
   return config

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lseg_jax.models import layers
-from lseg_jax.models.transformer import Block
+from lseg_jax.models.transformer import ATTENTION, Block
 
 REMAT_POLICIES = {
     "none": None,
@@ -48,6 +48,7 @@ class ViT(nn.Module):
   hooks: Sequence[int]
   pretrain_grid: int  # 384 / patch: the grid the position embedding was learned on
   remat_policy: str = "none"
+  attention: str = "plain"  # one of ATTENTION
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -71,7 +72,8 @@ class ViT(nn.Module):
     block = Block if self.remat_policy == "none" else nn.remat(Block, policy=policy)
     hooked = []
     for i in range(max(self.hooks) + 1):
-      x = block(self.num_heads, self.mlp_dim, layers.gelu, 1e-6, name=f"blocks_{i}", **kw)(x)
+      x = block(self.num_heads, self.mlp_dim, layers.gelu, 1e-6, attention=self.attention, name=f"blocks_{i}",
+                **kw)(x)
       if i in self.hooks:
         hooked.append(x)
     return hooked, grid
