@@ -71,11 +71,11 @@ def test_mesh_uses_jax_make_mesh_order_with_auto_axes():
 
 @pytest.mark.parametrize("backbone", ["tiny"])  # its decoder has BatchNorm: the scan threads batch_stats
 def test_scan_and_loop_accumulation_give_the_same_update_and_batch_stats(backbone):
-  """accum 4 as an unrolled loop and as lax.scan: same params, BatchNorm
+  """accum 2 as an unrolled loop and as lax.scan: same params, BatchNorm
   running statistics (threaded through the scan) and measurements."""
   mesh = sharding.make_mesh([("data", 1)])
   model, tx, sched, state, batch, text, _ = tiny_setup(mesh, backbone)
-  out = {impl: run_step(training.make_train_step(model, tx, sched, accum=4, accum_impl=impl), state, batch, text)
+  out = {impl: run_step(training.make_train_step(model, tx, sched, accum=2, accum_impl=impl), state, batch, text)
          for impl in ("loop", "scan")}
   (loop_state, loop_m), (scan_state, scan_m) = out["loop"], out["scan"]
   assert not np.allclose(jax.tree.leaves(loop_state["batch_stats"])[0], jax.tree.leaves(state["batch_stats"])[0])
@@ -90,27 +90,21 @@ def test_auto_accumulation_is_the_loop_on_cpu_and_a_bad_name_fails():
     training.resolve_accum_impl("while")
 
 
-@pytest.mark.parametrize("axes", [(("data", 2), ("fsdp", 4))], ids=["data2_fsdp4"])
-def test_activation_layout_constrains_the_step_and_keeps_its_loss(axes):
-  """With the rules the traced step carries sharding constraints (none
-  without), and its loss and update are the single device's.
+def test_activation_layout_constrains_the_traced_step():
+  """With the rules the traced step carries sharding constraints, none
+  without. That the constrained step computes what one device computes is
+  tests/test_train.py's sharded == single-device check (train.py passes the
+  rules).
 
   Known and open (README "Known issues"): on a data x fsdp x tensor mesh
   (jax 0.10.2, XLA:CPU) the gradients differ from one device's by ~1-5%,
   with or without the constraints; data x fsdp and data x tensor agree."""
-  single = tiny_setup(sharding.make_mesh([("data", 1)]))
-  mesh = sharding.make_mesh(axes)
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
   model, tx, sched, state, batch, text, rules = tiny_setup(mesh)
   plain = training.make_train_step(model, tx, sched)
   pinned = training.make_train_step(model, tx, sched, activations=(mesh, rules))
   count = lambda step: jax.jit(step).lower(state, batch, text).as_text().count("sharding_constraint")
   assert count(plain) == 0 and count(pinned) >= 2 * 4  # block input + output of the tiny ViT's 4 blocks
-  ref_state, ref = run_step(plain, *single[3:6])
-  got_state, got = run_step(pinned, state, batch, text)
-  np.testing.assert_allclose(float(got["loss"]), float(ref["loss"]), rtol=1e-5)
-  if "tensor" not in mesh.axis_names:
-    assert_trees_close(got_state["params"], ref_state["params"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(float(run_step(plain, state, batch, text)[1]["loss"]), float(ref["loss"]), rtol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -61,18 +61,10 @@ def with_flags(args: list[str], extra: list[str]) -> list[str]:
   return [*args, *extra]
 
 
-@pytest.fixture(scope="module")
-def finished_run(shapes_config, tmp_path_factory) -> Path:
-  """A 6-step run with checkpoints 2, 4, 6 (one device, as the subprocesses)."""
-  workdir = tmp_path_factory.mktemp("finished")
-  code, out, err = run(["--workdir", str(workdir), *flag_args(shapes_config)])
-  assert code == 0, (out + err)[-3000:]
-  assert restorable_steps(workdir) == [2, 4, 6]
-  return workdir
-
-
 @pytest.fixture
 def copy_of(finished_run, tmp_path) -> Path:
+  """A copy of conftest's finished 6-step run (checkpoints 2, 4, 6)."""
+  assert restorable_steps(finished_run) == [2, 4, 6]
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
   return workdir
