@@ -8,7 +8,6 @@ The training workdir is written here with orbax as train.py lays it out
 optimizer state), so these tests do not depend on train.py.
 """
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,16 +24,10 @@ import pytest
 
 from lseg_jax import checkpoint
 from lseg_jax.models import abstract_variables, get_model_config
+from test_train import _load
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = f"{ROOT / 'configs' / 'demo.py'}:backbone=tiny"
-
-
-def _load(path: Path, name: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 eval_cli = _load(ROOT / "eval.py", "lseg_eval")

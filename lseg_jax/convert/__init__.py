@@ -75,7 +75,7 @@ def convert(state_dict: StateDict, rules: Iterable[R.Rule], expected: Mapping,
     out[path] = array.astype(targets[path].dtype)
   missing = [p for p in targets if p not in out]
   if missing:
-    names = [next((n for r in rules if (n := r.backward(p)) is not None), p) for p in missing]
+    names = [found[0] if (found := R.official_name(rules, p)) else p for p in missing]
     raise ConversionError(f"{len(missing)} parameters missing from the checkpoint: {', '.join(names[:8])}"
                           + (", ..." if len(names) > 8 else ""))
   return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
