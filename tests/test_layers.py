@@ -39,6 +39,15 @@ def torch_bilinear(x: np.ndarray, size: tuple[int, int], align_corners: bool) ->
   return out
 
 
+def interpolation_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+  """[n_out, n_in] dense weights of `layers.interpolation_taps`."""
+  lo, hi, frac = layers.interpolation_taps(n_in, n_out, align_corners)
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m
+
+
 SIZES = [
     (5, 7, 10, 14),  # x2
     (5, 7, 8, 11),  # non-integer up
@@ -58,9 +67,22 @@ def test_resize_bilinear_matches_pytorch_formula(h, w, oh, ow, align_corners):
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("h,w,oh,ow", SIZES + [(24, 24, 30, 20), (12, 9, 24, 18)])
+def test_resize_bilinear_gradient_is_the_adjoint(h, w, oh, ow, align_corners):
+  # The custom VJP gathers over the transposed taps; it must equal the dense
+  # interpolation matrices' transposes applied to the cotangent.
+  x = RNG.standard_normal((2, h, w, 3)).astype(np.float32)
+  g = RNG.standard_normal((2, oh, ow, 3)).astype(np.float32)
+  _, vjp = jax.vjp(lambda v: layers.resize_bilinear(v, (oh, ow), align_corners), jnp.asarray(x))
+  mh, mw = interpolation_matrix(h, oh, align_corners), interpolation_matrix(w, ow, align_corners)
+  want = np.einsum("oh,pw,bopc->bhwc", mh, mw, g)
+  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("n_in,n_out", [(5, 10), (5, 8), (7, 3), (4, 4), (3, 1)])
-def test_interpolation_matrix_rows(n_in, n_out, align_corners):
-  m = layers.interpolation_matrix(n_in, n_out, align_corners)
+def test_interpolation_taps_rows(n_in, n_out, align_corners):
+  m = interpolation_matrix(n_in, n_out, align_corners)
   ref = np.zeros((n_out, n_in))
   for o in range(n_out):
     i0, i1, lam = torch_source_index(o, n_in, n_out, align_corners)
@@ -73,8 +95,8 @@ def test_interpolation_matrix_rows(n_in, n_out, align_corners):
 
 def test_align_corners_conventions_differ():
   # 4 -> 8: align_corners=True hits the corners; half-pixel clamps -0.25 to 0.
-  m_true = layers.interpolation_matrix(4, 8, True)
-  m_false = layers.interpolation_matrix(4, 8, False)
+  m_true = interpolation_matrix(4, 8, True)
+  m_false = interpolation_matrix(4, 8, False)
   np.testing.assert_allclose(m_true[1], [4 / 7, 3 / 7, 0, 0], atol=1e-7)  # src = 3/7
   np.testing.assert_allclose(m_false[1], [0.75, 0.25, 0, 0], atol=1e-7)  # src = 1.5 / 2 - 0.5
   np.testing.assert_allclose(m_false[0], [1, 0, 0, 0], atol=1e-7)  # src clamped to 0
