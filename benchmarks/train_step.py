@@ -152,6 +152,8 @@ def timed(args: argparse.Namespace) -> None:
       "memory_gib": sharding.compiled_memory_gib(compiled),
       "peak_memory_gb": round(mem["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in mem else None,
       "mfu": round(analytic / step_s / (peak * n), 4) if peak else None,
+      "achieved_gflops_per_device": round(analytic / step_s / n / 1e9, 1),
+      "matmul_gflops": round(flops.measured_matmul_flops() / 1e9, 1),
       "loss": float(m["loss"]), "loss_dtype": str(m["loss"].dtype),
   }))
 

@@ -6,14 +6,33 @@ costs about 3x the forward (backward = 2x). Cross-check: clip_vitl16_384 at
 384 x 384 is ~0.5 TFLOP forward, ~1.5 TFLOP per training image.
 """
 
+import time
+
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lseg_jax.models.dpt import LEVEL_STRIDES
 
 # Peak dense bf16 FLOP/s per chip, for MFU (vendor data sheets).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def measured_matmul_flops(size: int = 2048, repeats: int = 3) -> float:
+  """FLOP/s of a size^3 float32 matmul on the default device, best of
+  `repeats`: the reference a CPU benchmark's achieved rate is read against
+  (a ratio that travels between machines, unlike a time)."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * size ** 3 / best
 
 
 def peak_flops(device: jax.Device) -> float | None:
