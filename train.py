@@ -140,6 +140,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and
   returns the final validation scores. A mistake in the config or the workdir
   is a config_lib.UserError raised before any heavy work or any write."""
+  started = time.time()
   # ------------------------------------------------------------ config, workdir
   workdir = Path(workdir).absolute()
   with config_lib.user_errors():
@@ -261,6 +262,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
   # ------------------------------------------------------------ loop
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   t0 = time.time()
+  status(f"setup took {t0 - started:.0f}s (data, model, text embeddings, state, restore)")
   try:
     scores = train_loop(config, state, train_iter, train_step, text_table, to_global, save, check_saves, stop,
                         writer, first_step, lambda st, step: run_eval(config, model, st, text_table, eval_step,
