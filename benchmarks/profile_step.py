@@ -32,7 +32,7 @@ from lseg_jax.models import LSeg, build_model, get_model_config, init_inputs
 
 
 def best_time(fn, *args, repeats: int) -> float:
-  """Fastest of `repeats` runs after one warm-up (which also compiles)."""
+  """Fastest of `repeats` runs after one warm-up."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -42,10 +42,12 @@ def best_time(fn, *args, repeats: int) -> float:
   return min(times)
 
 
-def xla_flops(fn, *args) -> float:
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+def timed_compile(fn, *args, repeats: int) -> tuple[float, float]:
+  """(best time, XLA's FLOP count) of fn(*args), compiled once."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else (cost or {})
-  return float(cost.get("flops", float("nan")))
+  return best_time(compiled, *args, repeats=repeats), float(cost.get("flops", float("nan")))
 
 
 def stage_report(fn, diff: tuple, const: tuple, repeats: int, forward_only: bool) -> dict:
@@ -53,8 +55,8 @@ def stage_report(fn, diff: tuple, const: tuple, repeats: int, forward_only: bool
   `diff`) of fn(*diff, *const). Everything is an argument: a closed-over
   array would be folded into the program as a constant."""
   args = (*diff, *const)
-  report = {"forward_s": best_time(jax.jit(fn), *args, repeats=repeats), "gflop": xla_flops(fn, *args) / 1e9}
-  report["forward_gflops"] = report["gflop"] / report["forward_s"]
+  seconds, flop = timed_compile(fn, *args, repeats=repeats)
+  report = {"forward_s": seconds, "gflop": flop / 1e9, "forward_gflops": flop / 1e9 / seconds}
   if not forward_only:
     out = jax.eval_shape(fn, *args)
     rng = np.random.default_rng(1)
@@ -64,10 +66,10 @@ def stage_report(fn, diff: tuple, const: tuple, repeats: int, forward_only: bool
       _, vjp = jax.vjp(lambda *d: fn(*d, *const), *diff)
       return vjp(cot)
 
-    report["forward_backward_s"] = best_time(jax.jit(fwd_bwd), diff, const, cot, repeats=repeats)
-    report["forward_backward_gflop"] = xla_flops(fwd_bwd, diff, const, cot) / 1e9
-    report["forward_backward_gflops"] = report["forward_backward_gflop"] / report["forward_backward_s"]
-  return {k: round(v, 4) for k, v in report.items()}
+    seconds, flop = timed_compile(fwd_bwd, diff, const, cot, repeats=repeats)
+    report.update(forward_backward_s=seconds, forward_backward_gflop=flop / 1e9,
+                  forward_backward_gflops=flop / 1e9 / seconds)
+  return {k: float(f"{v:.4g}") for k, v in report.items()}
 
 
 def main() -> None:
