@@ -108,8 +108,26 @@ def upsample2x(x: jax.Array) -> jax.Array:
   return resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]), align_corners=True)
 
 
-# Exact (erf) GELU as torch.nn.GELU: flax's nn.gelu defaults to the tanh form.
-gelu = functools.partial(nn.gelu, approximate=False)
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU as torch.nn.GELU (flax's nn.gelu defaults to the tanh
+  form). The gradient keeps only x for the backward pass, as PyTorch does:
+  differentiated as written it kept four [B, N, mlp] arrays per ViT block
+  (0.9 GiB of a ViT-L/16 step at batch 2 x 384)."""
+  return nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  cdf = 0.5 * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+  pdf = jnp.exp(-0.5 * x * x) * np.sqrt(0.5 / np.pi).astype(x.dtype)
+  return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
