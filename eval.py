@@ -49,7 +49,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lseg_jax import checkpoint, data, evaluate, export, inference, labels as labels_lib, losses, metrics, sharding
+from lseg_jax import checkpoint, config_lib, data, evaluate, export, inference, labels as labels_lib, losses
+from lseg_jax import metrics, sharding
 from lseg_jax.data import fewshot
 from lseg_jax.models import build_model
 
@@ -231,8 +232,9 @@ def parse_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   try:
     rest = fv(argv)
   except (AttributeError, KeyError) as e:  # config_flags, for an override of a field the config lacks
-    field, _, hint = str(e).replace("\\'", "").replace("'", "").partition("\\n")
-    raise ValueError(f"a --config.* override names no config field: {field}. {hint}".strip()) from None
+    spec = config_lib.config_spec(argv)
+    message = spec and config_lib.override_error(spec, argv)
+    raise ValueError(message or f"a --config.* override names no config field: {e}") from None
   if rest[1:]:
     raise ValueError(f"unexpected argument {rest[1]!r}: eval.py takes flags only (see --help)")
   if not flags.FLAGS.is_parsed():

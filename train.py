@@ -69,16 +69,6 @@ class Stopped(Exception):
     self.signum = signum
 
 
-def config_spec(argv: list[str]) -> str:
-  """The --config value of a command line (the demo when absent)."""
-  for i, item in enumerate(argv):
-    if item.startswith("--config="):
-      return item.partition("=")[2]
-    if item == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return DEFAULT_CONFIG
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing where any mistake (an unknown flag, a config file that
   does not load, a misspelt --config.KEY) is one line and exit 2: ml_collections
@@ -86,7 +76,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    spec = config_spec(argv)
+    spec = config_lib.config_spec(argv, DEFAULT_CONFIG)
     try:
       config_lib.load_config_file(spec)
       message = config_lib.override_error(spec, argv) or str(e).strip().splitlines()[0]
@@ -103,7 +93,7 @@ def main(argv):
     # Collectives between CPU processes (tests, CPU clusters); GPUs/TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  workdir = _WORKDIR.value or workdir_lib.default_workdir(config_spec(sys.argv))
+  workdir = _WORKDIR.value or workdir_lib.default_workdir(config_lib.config_spec(sys.argv, DEFAULT_CONFIG))
   try:
     train_and_evaluate(_CONFIG.value, workdir, _ALLOW_CONFIG_CHANGE.value)
   except config_lib.UserError as e:

@@ -160,6 +160,16 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None) if arg else module.get_config()
 
 
+def config_spec(argv: list[str], default: str | None = None) -> str | None:
+  """The --config value of a command line (`default` when absent)."""
+  for i, item in enumerate(argv):
+    if item.startswith("--config="):
+      return item.partition("=")[2]
+    if item == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
 def override_error(config_spec: str, argv: list[str]) -> str | None:
   """Names the first `--config.KEY=...` of `argv` that the config file lacks
   (ml_collections reports it as a bare AttributeError/KeyError)."""
