@@ -155,11 +155,14 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(shapes_config, small_disk):
+  # Saves 200 steps apart, so that the disk fills between two saves: a tiny
+  # step takes milliseconds, and 40 apart the next save could start while the
+  # filler was writing (the mid-write case of README "Known issues").
   workdir = small_disk / "run"
-  proc = run_script(["--workdir", str(workdir), *flag_args(shapes_config, total_steps=10000, ckpt_every=40,
+  proc = run_script(["--workdir", str(workdir), *flag_args(shapes_config, total_steps=10000, ckpt_every=200,
                                                             log_every=1000)])
   deadline = time.time() + 300
-  while not (workdir / "checkpoints" / "40").is_dir():
+  while not (workdir / "checkpoints" / "200").is_dir():
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
     time.sleep(0.05)
   with open(small_disk / "filler", "wb") as f:  # the disk fills up under the run
@@ -172,9 +175,9 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(s
   assert proc.returncode == 1, out[-3000:]
   errors = [l for l in out.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
-  assert "saving checkpoint 80 failed" in errors[0] and "last good checkpoint is step 40" in errors[0], errors[0]
+  assert "saving checkpoint 400 failed" in errors[0] and "last good checkpoint is step 200" in errors[0], errors[0]
   (small_disk / "filler").unlink()
-  assert restorable_steps(workdir) == [40]  # nothing half-written is visible as a step
+  assert restorable_steps(workdir) == [200]  # nothing half-written is visible as a step
 
 
 @pytest.mark.parametrize("argv,message", [
