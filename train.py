@@ -283,8 +283,7 @@ def train_loop(config, state, train_iter, train_step, text_table, to_global, sav
     if compiled is None:  # compile once, ahead of time, to read the step's FLOPs
       t = time.time()
       compiled = train_step.lower(state, batch, text_table).compile()
-      cost = compiled.cost_analysis()
-      step_flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+      step_flops = flops_lib.compiled_flops(compiled)
       status(f"compiled in {time.time() - t:.0f}s; training steps {first_step + 1}..{config.total_steps}")
       status(f"per-device memory (GiB): {sharding.compiled_memory_gib(compiled)}")
     state, measurements = compiled(state, batch, text_table)

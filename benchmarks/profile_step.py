@@ -20,7 +20,6 @@ below it spends its time outside matmuls and convolutions.
 import argparse
 import functools
 import json
-import time
 
 import flax.linen as nn
 import jax
@@ -31,23 +30,10 @@ from lseg_jax import flops, losses
 from lseg_jax.models import LSeg, build_model, get_model_config, init_inputs
 
 
-def best_time(fn, *args, repeats: int) -> float:
-  """Fastest of `repeats` runs after one warm-up."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return min(times)
-
-
 def timed_compile(fn, *args, repeats: int) -> tuple[float, float]:
   """(best time, XLA's FLOP count) of fn(*args), compiled once."""
   compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else (cost or {})
-  return best_time(compiled, *args, repeats=repeats), float(cost.get("flops", float("nan")))
+  return flops.best_time(compiled, *args, repeats=repeats), flops.compiled_flops(compiled) or float("nan")
 
 
 def stage_report(fn, diff: tuple, const: tuple, repeats: int, forward_only: bool) -> dict:
@@ -131,7 +117,7 @@ def main() -> None:
   }
   key = "forward_s" if args.forward_only else "forward_backward_s"
   whole_fn = whole if args.forward_only else jax.grad(whole)
-  whole_s = best_time(jax.jit(whole_fn), params, images, stats, text, mask, label_mask, repeats=args.repeats)
+  whole_s = flops.best_time(jax.jit(whole_fn), params, images, stats, text, mask, label_mask, repeats=args.repeats)
   total = sum(s[key] for s in stages.values())
   print(json.dumps({
       "benchmark": "train_step_profile", "model": args.model, "batch": args.batch, "size": args.size,

@@ -124,8 +124,7 @@ def timed(args: argparse.Namespace) -> None:
   t0 = time.perf_counter()
   compiled = fn.lower(state, batch, text_table).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else (cost or {})
+  xla_flop = flops.compiled_flops(compiled)
   state, m = compiled(state, batch, text_table)
   jax.block_until_ready(m)
   times = []
@@ -148,7 +147,7 @@ def timed(args: argparse.Namespace) -> None:
       "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
       "images_per_s": round(batch_size / step_s, 3), "images_per_s_per_device": round(batch_size / step_s / n, 3),
       "analytic_tflop_per_step": round(analytic / 1e12, 3),
-      "xla_tflop_per_step": round(cost.get("flops", float("nan")) * n / 1e12, 3),
+      "xla_tflop_per_step": round(xla_flop * n / 1e12, 3) if xla_flop else None,
       "memory_gib": sharding.compiled_memory_gib(compiled),
       "peak_memory_gb": round(mem["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in mem else None,
       "mfu": round(analytic / step_s / (peak * n), 4) if peak else None,

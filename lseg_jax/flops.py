@@ -20,19 +20,32 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
+def best_time(fn, *args, repeats: int = 3) -> float:
+  """Seconds of the fastest of `repeats` calls of fn(*args), after one
+  untimed call (which compiles a jitted fn)."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def compiled_flops(compiled) -> float | None:
+  """XLA's FLOP count of a compiled program (per device), None where the
+  backend reports none."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return (cost or {}).get("flops")
+
+
 def measured_matmul_flops(size: int = 2048, repeats: int = 3) -> float:
   """FLOP/s of a size^3 float32 matmul on the default device, best of
   `repeats`: the reference a CPU benchmark's achieved rate is read against
   (a ratio that travels between machines, unlike a time)."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * size ** 3 / best
+  return 2 * size ** 3 / best_time(jax.jit(jnp.matmul), a, a, repeats=repeats)
 
 
 def peak_flops(device: jax.Device) -> float | None:

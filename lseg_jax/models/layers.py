@@ -65,17 +65,18 @@ def _gather_taps(x: jax.Array, axis: int, index: np.ndarray, weight: np.ndarray)
   return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _resize_axis(x: jax.Array, axis: int, n_out: int, align_corners: bool) -> jax.Array:
-  lo, hi, frac = interpolation_taps(x.shape[axis], n_out, align_corners)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _resize_axis(x: jax.Array, axis: int, n_in: int, n_out: int, align_corners: bool) -> jax.Array:
+  """x resized along `axis` from n_in to n_out samples."""
+  lo, hi, frac = interpolation_taps(n_in, n_out, align_corners)
   return _gather_taps(x, axis, np.stack([lo, hi], 1), np.stack([1 - frac, frac], 1).astype(np.float32))
 
 
-def _resize_axis_fwd(x, axis, n_out, align_corners):
-  return _resize_axis(x, axis, n_out, align_corners), x.shape[axis]
+def _resize_axis_fwd(x, axis, n_in, n_out, align_corners):
+  return _resize_axis(x, axis, n_in, n_out, align_corners), None
 
 
-def _resize_axis_bwd(axis, n_out, align_corners, n_in, g):
+def _resize_axis_bwd(axis, n_in, n_out, align_corners, _, g):
   lo, hi, frac = interpolation_taps(n_in, n_out, align_corners)
   return (_gather_taps(g, axis, *_transpose_taps(lo, hi, frac, n_in)),)
 
@@ -87,8 +88,8 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool) -> j
   """Bilinear resize of a [B, H, W, C] array to [B, size[0], size[1], C]:
   rows, then columns, two taps per output (the arithmetic of
   `resize_bilinear_np`); the gradient gathers too, through the taps' adjoint."""
-  x = _resize_axis(x, 1, int(size[0]), align_corners)  # [B, H', W, C]
-  return _resize_axis(x, 2, int(size[1]), align_corners)  # [B, H', W', C]
+  x = _resize_axis(x, 1, x.shape[1], int(size[0]), align_corners)  # [B, H', W, C]
+  return _resize_axis(x, 2, x.shape[2], int(size[1]), align_corners)  # [B, H', W', C]
 
 
 def resize_bilinear_np(x: np.ndarray, size: Sequence[int], align_corners: bool) -> np.ndarray:
