@@ -9,9 +9,6 @@ others can register their own the same way.
 """
 
 from lseg_jax.data import shapes
-from lseg_jax.data.pipeline import checkpoint_handler
-from lseg_jax.data.pipeline import checkpoint_restore
-from lseg_jax.data.pipeline import checkpoint_save
 from lseg_jax.data.pipeline import collate
 from lseg_jax.data.pipeline import dataset_size
 from lseg_jax.data.pipeline import default_input_config

@@ -1,8 +1,10 @@
 """The input pipeline: a registered dataset -> per-host numpy batches (grain).
 
 `make_loader(config.input, "train", global_batch_size=..., seed=..., train=True)`
-returns a grain `IterDataset`; `it = iter(loader)` yields per-process batches
-and `it.get_state()` / `it.set_state(state)` checkpoint its position. Batches:
+returns a grain `IterDataset`; `it = iter(loader)` yields per-process batches.
+A training loader resumes by its global batch index (`start_batch`): the
+position is the same on every process, so no per-process iterator state is
+saved and a run resumes on any number of processes. Batches:
   image       float32 [B, H, W, 3]  normalised ((x/255 - mean) / std)
   mask        int32   [B, H, W]     position in the example's label list, -1 = ignore
   label_ids   int32   [B, N]        label-table ids of that list, N = max_labels
@@ -289,7 +291,8 @@ def _train_order(spec: registry.DatasetSpec, cfg: ml_collections.ConfigDict, spl
 
 def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: int, train: bool,
                 shard_index: int | None = None, shard_count: int | None = None,
-                num_epochs: int | None = None, worker_count: int | None = None) -> grain.IterDataset:
+                num_epochs: int | None = None, worker_count: int | None = None,
+                start_batch: int = 0) -> grain.IterDataset:
   """A grain pipeline yielding this process's batches of `split`.
 
   Args:
@@ -312,9 +315,12 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
       examples being padding whose mask is all -1.
     num_epochs: None = forever for training, 1 for evaluation.
     worker_count: grain worker processes; None = `input_config.worker_count`.
+    start_batch: training starts at this global batch (a run resumed after
+      step s starts at batch s). The position is global, so a run saved by
+      any number of processes resumes on any other number.
 
   Returns:
-    An IterDataset; `iter()` of it is a checkpointable iterator.
+    An IterDataset.
   """
   cfg = resolve_input_config(input_config)
   spec = registry.get(cfg.dataset)
@@ -354,6 +360,8 @@ def make_loader(input_config: Any, split: str, *, global_batch_size: int, seed: 
   mean, std = transforms.normalization_stats(cfg.normalization)
   ds = ds.batch(local_batch, drop_remainder=True,  # evaluation shards are whole batches
                 batch_fn=functools.partial(collate, image_pad=(0.0 - mean) / std))
+  if start_batch:
+    ds = ds[start_batch:]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                             prefetch_buffer_size=cfg.prefetch_batches))
   if worker_count > 0:
@@ -384,19 +392,3 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.
     spec = partition_spec[key] if isinstance(partition_spec, Mapping) else partition_spec
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
   return {k: one(k, v) for k, v in local_batch.items()}
-
-
-def checkpoint_handler() -> grain.checkpoint.CheckpointHandler:
-  """Orbax item handler for loader iterators (one JSON state file per process):
-  `ocp.CheckpointManager(..., item_handlers={"data": checkpoint_handler()})`."""
-  return grain.checkpoint.CheckpointHandler()
-
-
-def checkpoint_save(iterator: grain.DatasetIterator) -> Any:
-  """Orbax save args for a loader iterator (`ocp.args.Composite(data=...)`)."""
-  return grain.checkpoint.CheckpointSave(iterator)
-
-
-def checkpoint_restore(iterator: grain.DatasetIterator) -> Any:
-  """Orbax restore args: restoring sets `iterator`'s state and returns it."""
-  return grain.checkpoint.CheckpointRestore(iterator)
