@@ -1,11 +1,12 @@
 r"""Evaluates LSeg with the official protocols; prints the scores, then writes them as JSON.
 
-  python eval.py --workdir /tmp/lseg_jax_demo                    # the demo, as train.py evaluated it
+  python eval.py --workdir /tmp/lseg_jax_${USER}_demo            # the demo, as train.py evaluated it
   python eval.py --config configs/ade20k_lseg_vitl16.py --workdir /ckpt/lseg_ade20k --protocol multiscale
   python eval.py --config configs/ade20k_lseg_vitl16.py --checkpoint models/lseg_demo --protocol multiscale
   python eval.py --config configs/fewshot_lsegzs.py:dataset=pascal5i,fold=0 --checkpoint models/pascal0
   python eval.py --config configs/ade20k_lseg_vitl16.py --exported lseg.jaxexport --protocol multiscale
   python eval.py --workdir /ckpt/ade --coordinator_address=host0:1234 --num_processes=2 --process_id=I
+  srun --ntasks-per-node=8 --gpus-per-node=8 python eval.py --workdir /shared/ade   # processes from SLURM
 
 The model: --checkpoint (a converted model directory or a training workdir),
 --workdir's newest readable checkpoint (a damaged one is skipped with a
@@ -18,7 +19,9 @@ The config: --config, or the run config (config.json) of --workdir (or of a
 --checkpoint that is a training workdir).
 The scores: printed, then written atomically to --out, by default
 WORKDIR/eval_<protocol>_<split>.json, or with --checkpoint alone
-./eval_<model dir or artifact name>_<protocol>_<split>.json (never into a model directory).
+./eval_<model dir or artifact name>_<protocol>_<split>.json (never into a model directory),
+as strict JSON (a non-finite number is null) naming the model and the training
+step it scored (null for a converted model or an artifact).
 
 Protocols (--protocol, default: `config.evals.protocol` or "single"):
   single      the config's eval transform (as train.py's validation), batched over the mesh;
@@ -36,11 +39,9 @@ beside train.py.
 
 import functools
 import json
-import os
 from pathlib import Path
 import re
 import sys
-import tempfile
 import time
 
 from absl import flags
@@ -49,8 +50,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lseg_jax import checkpoint, config_lib, data, evaluate, export, inference, labels as labels_lib, losses
-from lseg_jax import metrics, sharding
+from lseg_jax import checkpoint, config_lib, data, distributed, evaluate, export, inference, labels as labels_lib
+from lseg_jax import losses, metrics, sharding, workdir as workdir_lib
 from lseg_jax.data import fewshot
 from lseg_jax.models import build_model
 
@@ -68,9 +69,7 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_string("exported", None, "An lseg_jax.export artifact to evaluate instead of a checkpoint "
                       "(needs --config).", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).", flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).", flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "This process's index (multi-process).", flag_values=fv)
+  distributed.define_flags(fv)
   flags.DEFINE_enum("protocol", None, ["single", "multiscale", "fewshot"], "Evaluation protocol.", flag_values=fv)
   flags.DEFINE_string("split", None, "Split to evaluate (default: config.evals.split).", flag_values=fv)
   flags.DEFINE_string("out", None, "JSON file for the scores (default: see above).", flag_values=fv)
@@ -228,13 +227,14 @@ def _directory_flag(name: str, value: str | None) -> Path | None:
 
 
 def parse_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-  """Parses `argv` (argv[0] is the program) into `fv`."""
+  """Parses `argv` (argv[0] is the program) into `fv`; a mistake is one
+  ValueError line (train.py's wording: config_lib.command_line_error)."""
   try:
+    if spec := config_lib.config_spec(argv):
+      config_lib.load_config_file(spec)  # ml_collections would defer a failure to the config's first use
     rest = fv(argv)
-  except (AttributeError, KeyError) as e:  # config_flags, for an override of a field the config lacks
-    spec = config_lib.config_spec(argv)
-    message = spec and config_lib.override_error(spec, argv)
-    raise ValueError(message or f"a --config.* override names no config field: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except  # absl, ml_collections and config files raise anything
+    raise ValueError(config_lib.command_line_error(argv, e)) from None
   if rest[1:]:
     raise ValueError(f"unexpected argument {rest[1]!r}: eval.py takes flags only (see --help)")
   if not flags.FLAGS.is_parsed():
@@ -273,6 +273,7 @@ def resolve_run(fv: flags.FlagValues) -> tuple[Path, ml_collections.ConfigDict, 
     raise ValueError(f"--protocol fewshot needs a few-shot dataset ({', '.join(FEWSHOT_BENCHMARKS)}), "
                      f"not {config.input.dataset}")
   split = fv.split or config.evals.split
+  config_lib.check_mesh(config.mesh)  # the devices it needs: found before any model is read
   if fv.out:
     out = Path(fv.out).absolute()
   elif workdir:
@@ -297,69 +298,61 @@ def print_scores(scores: dict) -> None:
   print(f"{scores['dataset']} {scores['split']} ({scores['protocol']}): {summary}", flush=True)
 
 
+def json_scores(scores: dict) -> str:
+  """Scores as strict JSON: a non-finite number (the loss of a diverged
+  model, the IoU of a class no image has) is null, never NaN or Infinity."""
+  finite = lambda v: (None if isinstance(v, float) and not np.isfinite(v) else
+                      {k: finite(x) for k, x in v.items()} if isinstance(v, dict) else
+                      [finite(x) for x in v] if isinstance(v, (list, tuple)) else v)
+  return json.dumps(finite(scores), indent=2, allow_nan=False)
+
+
 def write_scores(out: Path, scores: dict) -> None:
-  """JSON into a temporary sibling renamed onto `out`: never a half-written file."""
-  tmp = None
+  """JSON written atomically onto `out`: never a half-written file."""
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-      json.dump(scores, f, indent=2)
-    os.replace(tmp, out)
+    workdir_lib.write_text_atomic(out, json_scores(scores))
   except OSError as e:
-    if tmp:
-      Path(tmp).unlink(missing_ok=True)
     raise OSError(f"cannot write scores to {out}: {e.strerror or e}") from e
 
 
-def start_processes(fv: flags.FlagValues) -> None:
-  """Joins a multi-process run (before anything touches a JAX backend)."""
-  if fv.coordinator_address:
-    # Collectives between CPU processes (tests, CPU clusters); GPUs/TPUs ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-
-
 def load_network(model_path: Path, config, label_names) -> tuple:
-  """(model, variables without the text tower, text table [C, D]) of a
-  checkpoint, or of an exported artifact (whose parameters are inside it)."""
+  """(model, variables without the text tower, text table [C, D], training
+  step or None) of a checkpoint, or of an exported artifact (whose
+  parameters are inside it)."""
   templates = config.get("prompt_templates", ("{}",))
   if model_path.is_file():
     model = export.load(model_path)
     if model.window != config.input.crop_size:
       raise ValueError(f"--exported {model_path} runs {model.window} px windows, input.crop_size is "
                        f"{config.input.crop_size}: export with --window {config.input.crop_size}")
-    return model, {}, labels_lib.encode_labels(model, None, label_names, templates)
-  model_config, variables = checkpoint.load_model(model_path)
+    return model, {}, labels_lib.encode_labels(model, None, label_names, templates), None
+  model_config, variables, step = checkpoint.load_model_step(model_path)
   model = build_model(model_config)
   text_table = labels_lib.encode_labels(model, variables["params"]["text_encoder"], label_names, templates)
   variables = {"params": {k: v for k, v in variables["params"].items() if k != "text_encoder"},
                "batch_stats": variables["batch_stats"]}
-  return model, variables, text_table
+  return model, variables, text_table, step
 
 
 def run(fv: flags.FlagValues, argv: list[str]) -> None:
   """Evaluates the model the command line names and reports its scores."""
   parse_flags(fv, argv)
-  start_processes(fv)
+  processes = distributed.start(fv)
   model_path, config, protocol, split, out = resolve_run(fv)
   label_names = data.label_names(config.input)
-  model, variables, text_table = load_network(model_path, config, label_names)
+  model, variables, text_table, step = load_network(model_path, config, label_names)
+  if jax.process_index() == 0:
+    print(processes, flush=True)  # once every user mistake is ruled out: those leave stdout empty
   scores = PROTOCOLS[protocol](config, model, variables, text_table, split)
-  scores = {"protocol": protocol, "split": split, "dataset": config.input.dataset, **scores}
+  scores = {"protocol": protocol, "split": split, "dataset": config.input.dataset, "model": str(model_path),
+            "step": step, **scores}
   if isinstance(scores.get("IoU"), list):
     scores["IoU"] = dict(zip(label_names, scores["IoU"]))
   if jax.process_index() == 0:
     print_scores(scores)  # first: a failing write must not lose them
     write_scores(out, scores)
     print(f"wrote {out}")
-
-
-def _one_line(e: Exception) -> str:
-  """An error as one line: a multi-line message (a config file's traceback
-  inside a flag error) by its first and last lines."""
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
 def main(argv: list[str]) -> int:
@@ -371,7 +364,7 @@ def main(argv: list[str]) -> int:
   try:
     run(fv, argv)
   except USER_ERRORS as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    print(f"error: {config_lib.one_line(e)}", file=sys.stderr)
     return 2
   return 0
 

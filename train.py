@@ -9,11 +9,14 @@ Stages of `main`, top to bottom: config and processes, mesh, input pipeline,
 model and text embeddings, sharded state, update step, checkpoint restore,
 train loop (metrics, checkpoints, evaluation).
 
-Multi-process (e.g. 2 processes x 4 CPU devices on localhost): pass
---coordinator_address=localhost:PORT --num_processes=2 --process_id=I to each.
+Multi-process: under a TPU pod slice, SLURM, Open MPI or Kubernetes the
+processes join from the environment; elsewhere (e.g. 2 processes x 4 CPU
+devices on localhost) pass --coordinator_address=localhost:PORT
+--num_processes=2 --process_id=I to each (README "Multi-host").
 """
 
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -31,22 +34,23 @@ from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lseg_jax import checkpoint, config_lib, data, evaluate, flops as flops_lib, labels as labels_lib
+from lseg_jax import checkpoint, config_lib, data, distributed, evaluate, flops as flops_lib, labels as labels_lib
 from lseg_jax import optim, pretrained, sharding, training, workdir as workdir_lib
 from lseg_jax.models import LSeg, build_model, init_inputs
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "demo.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file[:arg].", lock_config=True)
+# No default here: ml_collections would load it at import, where a misspelt
+# --config.KEY is a traceback; parse_flags passes configs/demo.py instead.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:arg] (default: configs/demo.py).",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run's directory (config.json, checkpoints/, metrics.jsonl, tb/). An existing one is "
     "resumed from its latest checkpoint when it holds the same config. Default: a temp dir named after the "
-    "config file and its argument, e.g. /tmp/lseg_jax_demo.")
+    "user, the config file and its argument, e.g. /tmp/lseg_jax_alice_demo.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose config.json differs from this config (same model "
     "and optimizer tree), e.g. to change the learning rate of a run on purpose.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id
 
 # Exit codes (README "Workdirs and resuming").
 EXIT_FAULT, EXIT_USAGE = 1, 2
@@ -71,30 +75,29 @@ class Stopped(Exception):
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing where any mistake (an unknown flag, a config file that
-  does not load, a misspelt --config.KEY) is one line and exit 2: ml_collections
-  reports an unknown key as a bare traceback."""
+  does not load, a misspelt --config.KEY) is one line and exit 2:
+  ml_collections reports an unknown key as a bare traceback, and a config
+  file that fails to load only at its first use."""
+  if config_lib.config_spec(argv) is None:
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
   try:
+    config_lib.load_config_file(config_lib.config_spec(argv))
     return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    spec = config_lib.config_spec(argv, DEFAULT_CONFIG)
-    try:
-      config_lib.load_config_file(spec)
-      message = config_lib.override_error(spec, argv) or str(e).strip().splitlines()[0]
-    except Exception as load_error:  # pylint: disable=broad-except
-      message = f"config {spec}: {type(load_error).__name__}: {str(load_error).strip().splitlines()[0]}"
-    print(f"error: {message}", file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except  # absl, ml_collections and config files raise anything
+    print(f"error: {config_lib.command_line_error(argv, e)}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 
 
 def main(argv):
   del argv
   quiet_libraries()
-  if _COORDINATOR.value:
-    # Collectives between CPU processes (tests, CPU clusters); GPUs/TPUs ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  workdir = _WORKDIR.value or workdir_lib.default_workdir(config_lib.config_spec(sys.argv, DEFAULT_CONFIG))
+  workdir = Path(_WORKDIR.value or workdir_lib.default_workdir(config_lib.config_spec(sys.argv, DEFAULT_CONFIG)))
   try:
+    try:  # before any work, and without creating anything
+      checkpoint.check_writable(workdir.absolute() / checkpoint.RUN_CONFIG)
+    except OSError as e:
+      raise config_lib.UserError(f"--workdir {workdir.absolute()}: {e}") from None
+    status(distributed.start())
     train_and_evaluate(_CONFIG.value, workdir, _ALLOW_CONFIG_CHANGE.value)
   except config_lib.UserError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -353,10 +356,14 @@ def run_eval(config, model, state, text_table, eval_step, to_global, writer, ste
 
 
 class MetricWriter:
-  """TensorBoard events (tensorboardX: no TensorFlow needed) and JSON lines, host 0 only."""
+  """TensorBoard events (tensorboardX: no TensorFlow needed) and JSON lines,
+  host 0 only. Every JSON line names its launch (the UTC time this writer
+  started): a resumed run logs the steps since the last checkpoint again,
+  and the launch tells which run wrote which line (the later one wins)."""
 
   def __init__(self, workdir: Path, enabled: bool):
     self.enabled = enabled
+    self.launch = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     if enabled:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / "tb"))
@@ -367,7 +374,7 @@ class MetricWriter:
       return
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.write(json.dumps({"step": step, "launch": self.launch, **scalars}) + "\n")
     self.jsonl.flush()
 
   def close(self) -> None:

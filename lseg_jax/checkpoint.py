@@ -232,12 +232,12 @@ def _model_config(directory: Path) -> tuple[ml_collections.ConfigDict, dict]:
 
 
 def _restore_training_state(workdir: Path, steps: list[int], expected: dict,
-                            config: ml_collections.ConfigDict) -> dict:
-  """{'params', 'batch_stats'} of the newest readable step of `steps`; a
-  damaged one is skipped with a warning (and left on disk)."""
+                            config: ml_collections.ConfigDict) -> tuple[int, dict]:
+  """(step, {'params', 'batch_stats'}) of the newest readable step of
+  `steps`; a damaged one is skipped with a warning (and left on disk)."""
   for step in steps:
     try:
-      return _restore(workdir / "checkpoints" / str(step) / "state", expected, config)
+      return step, _restore(workdir / "checkpoints" / str(step) / "state", expected, config)
     except UnreadableCheckpoint as e:
       print(f"warning: checkpoint {step} in {workdir} is unreadable ({type(e.__cause__).__name__}); "
             "trying the previous one", file=sys.stderr, flush=True)
@@ -248,10 +248,18 @@ def _restore_training_state(workdir: Path, steps: list[int], expected: dict,
 def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
   """(model_config, {'params', 'batch_stats'}) from a model directory or a
   training workdir (its newest readable checkpoint, or `step`). Read-only."""
+  config, variables, _ = load_model_step(path, step)
+  return config, variables
+
+
+def load_model_step(path: str | os.PathLike, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, dict, int | None]:
+  """`load_model`, and the training step it read (None for a model
+  directory): after a fallback past a damaged checkpoint, an older one."""
   path = Path(path).absolute()
   config, expected = _model_config(path)
   if (path / "variables").is_dir():
-    return config, _restore(path / "variables", expected, config)
+    return config, _restore(path / "variables", expected, config), None
   text_expected = expected["params"].pop("text_encoder")
   steps = finished_steps(path)
   if not steps or not (path / "text_encoder").is_dir():
@@ -259,6 +267,7 @@ def load_model(path: str | os.PathLike, step: int | None = None) -> tuple[ml_col
                             "finished training checkpoint with text_encoder/")
   if step is not None and step not in steps:
     raise FileNotFoundError(f"{path} has no finished checkpoint {step} (it has {', '.join(map(str, steps))})")
-  state = _restore_training_state(path, [step] if step is not None else steps, expected, config)
+  step, state = _restore_training_state(path, [step] if step is not None else steps, expected, config)
   text = _restore(path / "text_encoder", text_expected, config)
-  return config, {"params": dict(state["params"], text_encoder=text), "batch_stats": state.get("batch_stats", {})}
+  return config, {"params": dict(state["params"], text_encoder=text),
+                  "batch_stats": state.get("batch_stats", {})}, step

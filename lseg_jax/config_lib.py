@@ -108,15 +108,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_ckpts = 3
   config.eval_every = 0
   config.evals = dict(split="validation", batch_size=8, protocol="single")
+  # A jax.profiler trace of training steps start_step .. start_step +
+  # num_steps - 1 into WORKDIR/tb (TensorBoard's profile tab); off while
+  # num_steps is 0. Process 0 only, unless all_processes.
+  config.profile = dict(start_step=5, num_steps=0, all_processes=False)
   config.paper_miou = config_dict.placeholder(float)  # the published number this config should reach
   return config
 
 
 # Fields a resumed run may change without --allow_config_change: how long it
 # runs, how often it logs and saves, where its data lives, its mesh and its
-# input threads. Anything else changes what is trained.
+# input threads, what it profiles. Anything else changes what is trained.
 RESUMABLE_CHANGES = ("total_steps", "total_epochs", "log_every", "ckpt_every", "keep_ckpts", "eval_every",
-                     "evals.batch_size", "mesh", "sharding_rules", "input.data_dir", "input.manual_dir",
+                     "evals.batch_size", "profile", "mesh", "sharding_rules", "input.data_dir", "input.manual_dir",
                      "input.prepare", "input.worker_count", "input.num_threads", "input.prefetch_batches")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
@@ -170,6 +174,29 @@ def config_spec(argv: list[str], default: str | None = None) -> str | None:
   return default
 
 
+def one_line(e: Exception) -> str:
+  """An error as one line: a multi-line message (a config file's traceback
+  inside a flag error) by its first and last lines."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
+def command_line_error(argv: list[str], error: Exception) -> str:
+  """The one line for a command line that absl or ml_collections refused
+  with `error` (train.py and eval.py): a config file that does not load says
+  why, a `--config.KEY` the config lacks is named with the nearest valid
+  keys, anything else is the error itself."""
+  spec = config_spec(argv)
+  if spec:
+    try:
+      load_config_file(spec)
+    except Exception as load_error:  # pylint: disable=broad-except  # a config file can raise anything
+      return f"config {spec}: {type(load_error).__name__}: {one_line(load_error)}"
+    if message := override_error(spec, argv):
+      return message
+  return one_line(error)
+
+
 def override_error(config_spec: str, argv: list[str]) -> str | None:
   """Names the first `--config.KEY=...` of `argv` that the config file lacks
   (ml_collections reports it as a bare AttributeError/KeyError)."""
@@ -218,6 +245,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("ckpt_every", "eval_every", "wd", "schedule.warmup_steps", "schedule.horizon_epochs",
               "grad_clip_norm", "total_steps", "total_epochs"):
     positive(key, _get(config, key, known[key]), allow_zero=True)
+  positive("profile.start_step", _get(config, "profile.start_step", known["profile.start_step"]))
+  positive("profile.num_steps", _get(config, "profile.num_steps", known["profile.num_steps"]), allow_zero=True)
   if not (config.total_steps or config.total_epochs):
     raise ValueError("set total_steps or total_epochs: both are 0, the run would have no step")
   lr = optim.base_learning_rate(config)  # exactly one of lr and base_lr
@@ -235,7 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if path and not os.path.exists(path):
       raise ValueError(f"init.{part}={path} does not exist")
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = check_mesh(config.mesh)
   batch_devices = sharding.batch_devices(mesh, tuple(tuple(r) for r in config.sharding_rules))
   accum = config.grad_accum_steps
   replicas = config.ddp_replicas if _get(config, "loss_reduction", "pixels") == "replicas" else 1
@@ -245,6 +274,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("evals.batch_size", config.evals.batch_size, batch_devices, "")):
     if size % multiple:
       raise ValueError(f"{key}={size} must be a multiple of {multiple} (the devices the batch is split over{why})")
+
+
+def check_mesh(axes) -> "jax.sharding.Mesh":
+  """The mesh of `config.mesh`, or a ValueError naming it and the devices
+  this process sees: processes that did not join (README "Multi-host") each
+  see only their own."""
+  from lseg_jax import distributed, sharding  # pylint: disable=g-import-not-at-top
+
+  try:
+    return sharding.make_mesh(axes)
+  except ValueError as e:
+    raise ValueError(f"{e}: this process sees {distributed.topology()}") from None
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str, default=None):

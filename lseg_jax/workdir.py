@@ -14,12 +14,14 @@ What train.py promises about a workdir (README "Workdirs and resuming"):
 """
 
 import errno
+import getpass
 import json
 import os
 from pathlib import Path
 import re
 import shutil
 import tempfile
+import uuid
 
 import jax
 import ml_collections
@@ -35,25 +37,31 @@ class WorkdirError(config_lib.UserError):
 
 
 def default_workdir(config_spec: str) -> Path:
-  """A temp workdir named after the config file and its argument, so two
-  configs (or two variants of one) never share a default workdir:
-  configs/demo.py -> /tmp/lseg_jax_demo, configs/demo.py:backbone=tiny ->
-  /tmp/lseg_jax_demo_backbone-tiny."""
+  """A temp workdir named after the user, the config file and its argument,
+  so two users of a machine, two configs or two variants of one never share
+  a default workdir: configs/demo.py -> /tmp/lseg_jax_alice_demo,
+  configs/demo.py:backbone=tiny -> /tmp/lseg_jax_alice_demo_backbone-tiny."""
   path, _, arg = config_spec.partition(":")
-  name = "_".join(filter(None, ["lseg_jax", Path(path).stem, re.sub(r"[^A-Za-z0-9.,_-]+", "-", arg)]))
+  try:
+    user = getpass.getuser()
+  except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+    user = f"uid{os.getuid()}"
+  safe = lambda s: re.sub(r"[^A-Za-z0-9.,_-]+", "-", s)
+  name = "_".join(filter(None, ["lseg_jax", safe(user), Path(path).stem, safe(arg)]))
   return Path(tempfile.gettempdir()) / name
 
 
 def write_text_atomic(path: Path, text: str) -> None:
   """Writes `path` through a temp file and a rename: readers see the old file
-  or the new one, never a half-written one."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  or the new one, never a half-written one. The file's mode is the usual
+  0666 less the umask (mkstemp's would be 0600)."""
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
   try:
-    with os.fdopen(fd, "w") as f:
+    with open(tmp, "x") as f:  # O_EXCL, mode 0666 & ~umask
       f.write(text)
     os.replace(tmp, path)
   except BaseException:
-    Path(tmp).unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)
     raise
 
 

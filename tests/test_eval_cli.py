@@ -260,7 +260,10 @@ def test_damaged_latest_checkpoint_is_skipped_read_only(workdir, steps, shapes_c
   assert rc == 0, err
   assert sorted(p.name for p in model_dir.iterdir()) == [checkpoint.MODEL_CONFIG, "variables"]
   from_model = json.loads((cwd / "eval_m_single_validation.json").read_text())
-  assert from_model == from_workdir and 0.0 <= from_model["mIoU"] <= 1.0
+  assert (from_workdir["step"], from_model["step"]) == (2, None)  # the step scored, after the fallback
+  assert from_workdir["model"] == str(damaged) and from_model["model"] == str(model_dir)
+  drop = lambda scores: {k: v for k, v in scores.items() if k not in ("model", "step")}
+  assert drop(from_model) == drop(from_workdir) and 0.0 <= from_model["mIoU"] <= 1.0
 
 
 def test_scores_are_printed_when_writing_them_fails(workdir, tmp_path, monkeypatch, capsys):

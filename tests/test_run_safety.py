@@ -120,12 +120,15 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path, shapes_config):
   assert code == 2 and "is a file" in error_line(err)
 
 
-def test_default_workdirs_differ_by_config_and_argument():
+def test_default_workdirs_differ_by_user_config_and_argument(monkeypatch):
+  monkeypatch.setenv("LOGNAME", "alice")  # getpass.getuser reads LOGNAME first
   a = workdir_lib.default_workdir(str(ROOT / "configs" / "demo.py"))
   b = workdir_lib.default_workdir("configs/demo.py:backbone=tiny")
-  assert a.name == "lseg_jax_demo" and b.name == "lseg_jax_demo_backbone-tiny" and a.parent == b.parent
+  assert a.name == "lseg_jax_alice_demo" and b.name == "lseg_jax_alice_demo_backbone-tiny" and a.parent == b.parent
   assert workdir_lib.default_workdir("configs/fewshot_lsegzs.py:dataset=pascal5i,fold=1").name == (
-      "lseg_jax_fewshot_lsegzs_dataset-pascal5i,fold-1")
+      "lseg_jax_alice_fewshot_lsegzs_dataset-pascal5i,fold-1")
+  monkeypatch.setenv("LOGNAME", "bob")
+  assert workdir_lib.default_workdir("configs/demo.py").name == "lseg_jax_bob_demo"
 
 
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl_c", "sigterm"])
