@@ -65,7 +65,7 @@ def make_config(protocol: str, shapes_config: dict, pascal_input: dict, devices:
 
 
 def scores_in_process(protocol: str, model_dir: Path, config) -> dict:
-  model, variables, table = eval_cli.load_network(model_dir, config, eval_cli.data.label_names(config.input))
+  model, variables, table, _ = eval_cli.load_network(model_dir, config, eval_cli.data.label_names(config.input))
   return eval_cli.PROTOCOLS[protocol](config, model, variables, table, SPLITS[protocol])
 
 
