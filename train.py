@@ -41,8 +41,8 @@ from lseg_jax.models import LSeg, build_model, init_inputs
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "demo.py")
 # No default here: ml_collections would load it at import, where a misspelt
 # --config.KEY is a traceback; parse_flags passes configs/demo.py instead.
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:arg] (default: configs/demo.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:arg].", lock_config=True)
+flags.FLAGS["config"].default_as_str = "'configs/demo.py'"  # what --help shows
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run's directory (config.json, checkpoints/, metrics.jsonl, tb/). An existing one is "
     "resumed from its latest checkpoint when it holds the same config. Default: a temp dir named after the "
