@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lseg_jax import checkpoint, config_lib, data, distributed, evaluate, flops as flops_lib, labels as labels_lib
-from lseg_jax import optim, pretrained, sharding, training, workdir as workdir_lib
+from lseg_jax import optim, preemption, pretrained, profiling, sharding, training, workdir as workdir_lib
 from lseg_jax.models import LSeg, build_model, init_inputs
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "demo.py")
@@ -53,8 +53,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id
 
 # Exit codes (README "Workdirs and resuming").
-EXIT_FAULT, EXIT_USAGE = 1, 2
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal, after saving
+EXIT_FAULT, EXIT_USAGE = 1, 2  # and preemption.EXIT_SIGNAL: 130 Ctrl-C, 143 SIGTERM, after saving
 
 
 class RunFault(RuntimeError):
@@ -63,14 +62,6 @@ class RunFault(RuntimeError):
 
 class NonFiniteLoss(RunFault):
   pass
-
-
-class Stopped(Exception):
-  """SIGINT/SIGTERM: the run saved its state and stops."""
-
-  def __init__(self, signum: int):
-    super().__init__(signum)
-    self.signum = signum
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -107,8 +98,8 @@ def main(argv):
     sys.stdout.flush()
     # Skip the atexit handlers: on a full disk they retry writes and print tracebacks.
     os._exit(EXIT_FAULT)
-  except Stopped as e:
-    sys.exit(EXIT_SIGNAL[e.signum])
+  except preemption.Stopped as e:
+    sys.exit(preemption.EXIT_SIGNAL[e.signum])
 
 
 def quiet_libraries() -> None:
@@ -132,12 +123,31 @@ def status(message: str) -> None:
 def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and
   returns the final validation scores. A mistake in the config or the workdir
-  is a config_lib.UserError raised before any heavy work or any write."""
+  is a config_lib.UserError raised before any heavy work or any write; a
+  workdir that another live run holds is one (`workdir.RunLock`)."""
   started = time.time()
-  # ------------------------------------------------------------ config, workdir
   workdir = Path(workdir).absolute()
   with config_lib.user_errors():
     config_lib.validate(config)
+    lock, note = workdir_lib.lock_run(workdir)
+  stop = preemption.StopRequest(on_abort=lock.release)
+  previous_handlers = {s: signal.getsignal(s) for s in preemption.EXIT_SIGNAL}
+  stop.install()
+  try:
+    if note:
+      status(note)
+    return _train_and_evaluate(config, workdir, allow_config_change, stop, started)
+  finally:
+    lock.release()
+    for s, handler in previous_handlers.items():
+      signal.signal(s, handler)
+
+
+def _train_and_evaluate(config, workdir: Path, allow_config_change: bool, stop: preemption.StopRequest,
+                        started: float) -> dict:
+  """train_and_evaluate's body, run while this run holds the workdir's lock."""
+  # ------------------------------------------------------------ config, workdir
+  with config_lib.user_errors():
     changes = workdir_lib.check_workdir(workdir, config, allow_config_change)
   status(f"workdir: {workdir}")
   if changes:
@@ -150,6 +160,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
 
   # ------------------------------------------------------------ input
   status(f"dataset: {config.input.dataset} (prepared on first use)")
+  make_train_loader = functools.partial(data.make_loader, config.input, config.input.split,
+                                        global_batch_size=config.input.batch_size, seed=config.seed, train=True)
   with config_lib.user_errors():  # a missing manual_dir, an empty split, ...
     label_names = data.label_names(config.input)
     num_train = data.num_examples(config.input, config.input.split, train=True)  # images per epoch
@@ -158,9 +170,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
       config.unlock()
       config.total_steps = int(config.total_epochs * steps_per_epoch)
       config.lock()
-    train_loader = data.make_loader(config.input, config.input.split, global_batch_size=config.input.batch_size,
-                                    seed=config.seed, train=True)
-  train_iter = iter(train_loader)
+    train_loader = make_train_loader()
 
   # ------------------------------------------------------------ model and text embeddings
   model = build_model(config.model)
@@ -191,30 +201,25 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
   eval_step = jax.jit(evaluate.make_eval_step(model, len(label_names)))
 
   # ------------------------------------------------------------ checkpoint restore
+  # A checkpoint holds the state only: the input position is the step (one
+  # global batch per step), the same on every process, so a run resumes on
+  # any number of processes.
   make_manager = lambda: ocp.CheckpointManager(
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_ckpts, enable_async_checkpointing=True),
-      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": data.checkpoint_handler()})
+      item_handlers={"state": ocp.StandardCheckpointHandler()})
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  workdir.mkdir(parents=True, exist_ok=True)
-  with config_lib.user_errors():  # checkpoints of another model
-    manager, restored, restored_iter, resumed = workdir_lib.restore_latest(
-        make_manager, workdir, abstract, data.checkpoint_restore(train_iter))
+  with config_lib.user_errors(), stop.setup_phase():  # checkpoints of another model; a signal: leave now
+    manager, restored, resumed = workdir_lib.restore_latest(make_manager, workdir, abstract)
   if resumed is not None:
-    state, train_iter = restored, restored_iter
+    state = restored
+    with config_lib.user_errors():
+      train_loader = make_train_loader(start_batch=resumed)
     status(f"resumed from step {resumed}")
+  train_iter = iter(train_loader)
   workdir_lib.write_run_files(workdir, config)  # the restore decision is made: this run owns the workdir
   checkpoint.save_text_encoder(workdir, text_params)  # once, for eval.py and predict
   first_step = int(state["step"])
-  stop = {"signal": None}
-
-  def on_signal(signum, _):
-    if stop["signal"] is not None:  # a second Ctrl-C: leave now, an unfinished save stays invisible
-      os._exit(EXIT_SIGNAL.get(signum, EXIT_FAULT))
-    stop["signal"] = signum
-
-  for signum in EXIT_SIGNAL:
-    signal.signal(signum, on_signal)
   saved = {"step": resumed, "pending": None}
 
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -226,8 +231,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
       # A full disk is refused before orbax starts writing: a save failing
       # midway leaves the library's threads printing pages of tracebacks.
       workdir_lib.check_free_space(workdir, state_bytes)
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 data=data.checkpoint_save(train_iter)), force=True)
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
 
   @contextlib.contextmanager
   def save_faults():
@@ -254,47 +258,71 @@ def train_and_evaluate(config, workdir: str | os.PathLike, allow_config_change: 
 
   # ------------------------------------------------------------ loop
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  profiler = profiling.StepProfiler.from_config(config.profile, workdir / "tb")
   t0 = time.time()
   status(f"setup took {t0 - started:.0f}s (data, model, text embeddings, state, restore)")
   try:
     scores = train_loop(config, state, train_iter, train_step, text_table, to_global, save, check_saves, stop,
                         writer, first_step, lambda st, step: run_eval(config, model, st, text_table, eval_step,
-                                                                      to_global, writer, step, label_names),
-                        manager)
+                                                                      to_global, writer, step, label_names, stop),
+                        manager, profiler)
   except OSError as e:  # a full disk or a lost mount while writing metrics
     last = checkpoint.latest_step(workdir)
     raise RunFault(f"{type(e).__name__}: {e}; the last good checkpoint is "
                    f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}") from e
   finally:
     writer.close()
+    profiler.stop()
   manager.close()
   status(f"done in {time.time() - t0:.0f}s: val mIoU={scores['mIoU']:.4f} pixAcc={scores['pixAcc']:.4f}; "
          f"checkpoint in {workdir / 'checkpoints'}")
   return scores
 
 
-def train_loop(config, state, train_iter, train_step, text_table, to_global, save, check_saves, stop, writer,
-               first_step: int, evaluate_fn, manager) -> dict:
+class EvalAbandoned(Exception):
+  """A stop was agreed during an evaluation: its scores are not logged."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def train_loop(config, state, train_iter, train_step, text_table, to_global, save, check_saves,
+               stop: preemption.StopRequest, writer, first_step: int, evaluate_fn, manager,
+               profiler: profiling.StepProfiler) -> dict:
   """Steps first_step + 1 .. total_steps: metrics every log_every, checkpoints
-  every ckpt_every and at the end, a signal's save, then the final evaluation."""
+  every ckpt_every and at the end, then the final evaluation. A stop that the
+  processes agree on (`stop.agreed`, after every step and within every
+  evaluation) saves the step reached and raises preemption.Stopped."""
   status(f"compiling the train step ({config.model.backbone}, batch {config.input.batch_size})")
   compiled, step_flops = None, None
   last_t, last_step = time.time(), first_step
+
+  def stop_at(step: int, signum: int) -> preemption.Stopped:
+    if step != first_step and manager.latest_step() != step:  # at first_step nothing is new
+      save(step, state)
+    check_saves(wait=True)
+    status(f"received signal {signum}: saved step {step}, exiting (status {preemption.EXIT_SIGNAL[signum]})")
+    return preemption.Stopped(signum)
+
   pending = None  # the previous step's metrics, checked one step late to keep the device busy
   for step in range(first_step + 1, config.total_steps + 1):
     batch = to_global(next(train_iter))
     if compiled is None:  # compile once, ahead of time, to read the step's FLOPs
       t = time.time()
-      compiled = train_step.lower(state, batch, text_table).compile()
+      with stop.setup_phase():  # nothing to save yet: a signal during the compile leaves at once
+        compiled = preemption.run_interruptibly(lambda: train_step.lower(state, batch, text_table).compile(), stop)
       step_flops = flops_lib.compiled_flops(compiled)
       status(f"compiled in {time.time() - t:.0f}s; training steps {first_step + 1}..{config.total_steps}")
       status(f"per-device memory (GiB): {sharding.compiled_memory_gib(compiled)}")
-    state, measurements = compiled(state, batch, text_table)
+      if (signum := stop.agreed()) is not None:  # a multi-process run's signal during the compile
+        raise stop_at(step - 1, signum)
+    state, measurements = profiler.step(step, compiled, state, batch, text_table)
     check_saves()
     if pending is not None:
       check_finite(*pending)
     pending = (step, measurements)
-    if step == first_step + 1:  # the first step compiles: excluded from speed
+    if step == first_step + 1 or profiler.in_window(step):  # compiling, tracing: excluded from speed
       last_t, last_step = time.time(), step
     if step % config.log_every == 0 or step == config.total_steps:
       check_finite(*pending)
@@ -304,19 +332,20 @@ def train_loop(config, state, train_iter, train_step, text_table, to_global, sav
       save(step, state)
     if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
       t = time.time()
-      evaluate_fn(state, step)
+      try:
+        evaluate_fn(state, step)
+      except EvalAbandoned as e:
+        raise stop_at(step, e.signum) from None
       last_t += time.time() - t  # evaluation is not training time
-    if stop["signal"] is not None:
-      if manager.latest_step() != step:
-        save(step, state)
-      check_saves(wait=True)
-      status(f"received signal {stop['signal']}: saved step {step}, exiting "
-             f"(status {EXIT_SIGNAL[stop['signal']]})")
-      raise Stopped(stop["signal"])
+    if (signum := stop.agreed(step)) is not None:
+      raise stop_at(step, signum)
   if manager.latest_step() != config.total_steps:
     save(config.total_steps, state)
   check_saves(wait=True)
-  return evaluate_fn(state, config.total_steps)
+  try:
+    return evaluate_fn(state, config.total_steps)
+  except EvalAbandoned as e:
+    raise stop_at(config.total_steps, e.signum) from None
 
 
 def log_step(config, step: int, measurements: dict, last_t: float, last_step: int, step_flops, writer) -> None:
@@ -341,12 +370,22 @@ def check_finite(step: int, measurements: dict) -> None:
                         "rate, or check the input); the checkpoints before it are kept")
 
 
-def run_eval(config, model, state, text_table, eval_step, to_global, writer, step, label_names) -> dict:
+def run_eval(config, model, state, text_table, eval_step, to_global, writer, step, label_names,
+             stop: preemption.StopRequest) -> dict:
+  """The validation scores at `step`; EvalAbandoned (nothing logged) when the
+  processes agree on a stop before one of its batches."""
   ev = config.evals
   loader = data.make_loader(config.input, ev.split, global_batch_size=ev.batch_size, seed=0, train=False,
                             num_epochs=1)
+
+  def batches():
+    for batch in loader:
+      if (signum := stop.agreed()) is not None:
+        raise EvalAbandoned(signum)
+      yield batch
+
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  scores = evaluate.evaluate(eval_step, variables, text_table, loader, data.num_examples(config.input, ev.split),
+  scores = evaluate.evaluate(eval_step, variables, text_table, batches(), data.num_examples(config.input, ev.split),
                              ev.batch_size, to_global)
   writer.write(step, {f"{ev.split}/{k}": v for k, v in scores.items() if k != "IoU"})
   if jax.process_index() == 0:

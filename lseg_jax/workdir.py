@@ -10,9 +10,13 @@ What train.py promises about a workdir (README "Workdirs and resuming"):
   purpose (`--allow_config_change`); a checkpoint whose tree does not fit the
   model is refused whatever the flag, naming the arrays;
 - `config.json` and `model_config.json` are written atomically, and only
-  once the config is valid and the restore decision is made.
+  once the config is valid and the restore decision is made;
+- one run at a time: `RunLock` (`run.lock`, held by process 0 for the whole
+  run) refuses a second train.py on a live run's workdir before anything is
+  written, and takes over the lock of a dead run (kill -9, a lost host).
 """
 
+import datetime
 import errno
 import getpass
 import json
@@ -20,11 +24,16 @@ import os
 from pathlib import Path
 import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lseg_jax import checkpoint, config_lib
@@ -145,8 +154,8 @@ def move_aside(workdir: Path, step: int) -> Path:
   return dst
 
 
-def restore_latest(manager_fn, workdir: Path, abstract_state, data_restore_args):
-  """(manager, restored state or None, restored data or None, step or None).
+def restore_latest(manager_fn, workdir: Path, abstract_state):
+  """(manager, restored state or None, step or None).
 
   Tries the finished checkpoints newest first. One whose metadata tree does
   not fit `abstract_state` is a config mismatch: WorkdirError, nothing
@@ -154,8 +163,6 @@ def restore_latest(manager_fn, workdir: Path, abstract_state, data_restore_args)
   previous one is tried. `manager_fn()` makes a fresh CheckpointManager (the
   manager caches its step list, so it is rebuilt after a move).
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   manager = manager_fn()
   for step in checkpoint.finished_steps(workdir):
     try:
@@ -170,9 +177,8 @@ def restore_latest(manager_fn, workdir: Path, abstract_state, data_restore_args)
                            f"({'; '.join(mismatch[:4])}{'; ...' if len(mismatch) > 4 else ''}): give a new "
                            "--workdir, or the config it was trained with")
       try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=data_restore_args))
-        return manager, restored["state"], restored["data"], step
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return manager, restored["state"], step
       except Exception as e:  # pylint: disable=broad-except
         error = e
     manager.close()
@@ -181,4 +187,137 @@ def restore_latest(manager_fn, workdir: Path, abstract_state, data_restore_args)
     print(f"warning: checkpoint {step} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
           f"moved it to {dst.name} and trying the previous one", flush=True)
     manager = manager_fn()
-  return manager, None, None, None
+  return manager, None, None
+
+
+LOCK = "run.lock"
+LOCK_HEARTBEAT_S = 10.0  # the holder touches the lock this often
+LOCK_STALE_S = 120.0  # a lock of another host untouched this long is a lost host's
+
+
+def _process_start(pid: int) -> str | None:
+  """The start time of process `pid` (Linux /proc, in clock ticks since
+  boot), so that a recycled pid is not taken for the lock's holder; None
+  where the process does not exist."""
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    if not Path("/proc").is_dir():  # no procfs: only the pid's existence is known
+      try:
+        os.kill(pid, 0)
+        return "unknown"
+      except ProcessLookupError:
+        return None
+      except PermissionError:
+        return "unknown"
+    return None
+
+
+class RunLock:
+  """`WORKDIR/run.lock`: one training run per workdir.
+
+  The holder (process 0 of a run) writes {host, pid, pid_start, since} with
+  an atomic link (never a half-written lock) and touches the file every
+  LOCK_HEARTBEAT_S while it runs. A second run refuses, naming the holder.
+  The lock of a dead holder is taken over, with a note: on the same host
+  when its pid is gone (or recycled), from another host when the file was
+  not touched for LOCK_STALE_S (its host was lost). Taking over renames the
+  stale lock first, which only one of several racing runs can do.
+  """
+
+  def __init__(self, workdir: Path):
+    self.path = Path(workdir) / LOCK
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def _holder(self) -> dict:
+    try:
+      return json.loads(self.path.read_text())
+    except (OSError, ValueError):
+      return {}
+
+  def _stale(self, holder: dict) -> bool:
+    try:
+      age = time.time() - self.path.stat().st_mtime
+    except FileNotFoundError:
+      return True
+    if holder.get("host") == socket.gethostname() and "pid" in holder:
+      start = _process_start(int(holder["pid"]))
+      return start is None or start not in ("unknown", holder.get("pid_start"))
+    return age > LOCK_STALE_S
+
+  @staticmethod
+  def describe(holder: dict) -> str:
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+            f"since {holder.get('since', '?')}")
+
+  def acquire(self) -> str | None:
+    """Takes the lock (creating the workdir); returns a note when it took over
+    a dead run's lock. WorkdirError (nothing written) when a live run holds it."""
+    if self.path.parent.exists() and not self.path.parent.is_dir():
+      raise WorkdirError(f"--workdir {self.path.parent} is a file, not a directory")
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+          "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    note = None
+    for _ in range(5):
+      fd, tmp = tempfile.mkstemp(prefix=f".{LOCK}.", dir=self.path.parent)
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      os.chmod(tmp, 0o644)  # other users of a shared disk may read who holds it
+      try:
+        os.link(tmp, self.path)  # atomic, fails if the lock exists
+        self._start_heartbeat()
+        return note
+      except FileExistsError:
+        pass
+      finally:
+        os.unlink(tmp)
+      holder = self._holder()
+      if not self._stale(holder):
+        raise WorkdirError(f"{self.path.parent} is in use by another train.py ({self.describe(holder)}): wait "
+                           f"for it to end or stop it, or give another --workdir")
+      aside = self.path.with_name(f"{LOCK}.stale.{uuid.uuid4().hex}")
+      try:
+        os.rename(self.path, aside)  # only one of several racing runs succeeds
+      except FileNotFoundError:
+        continue
+      aside.unlink()
+      note = f"note: took over {self.path} from a run that is no longer alive ({self.describe(holder)})"
+    raise WorkdirError(f"could not take {self.path}: other runs keep taking it")
+
+  def _start_heartbeat(self) -> None:
+    def beat():
+      while not self._stop.wait(LOCK_HEARTBEAT_S):
+        try:
+          os.utime(self.path)
+        except OSError:
+          pass
+    self._thread = threading.Thread(target=beat, name="lseg_run_lock", daemon=True)
+    self._thread.start()
+
+  def release(self) -> None:
+    """Removes the lock if this process holds it (idempotent)."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread = None
+    if self._holder().get("pid") == os.getpid() and self._holder().get("host") == socket.gethostname():
+      self.path.unlink(missing_ok=True)
+
+
+def lock_run(workdir: Path) -> tuple[RunLock, str | None]:
+  """(the run's lock, a take-over note or None): taken by process 0 for all
+  the processes of a run; every process raises the same WorkdirError when a
+  live run holds it."""
+  lock, note, error = RunLock(workdir), None, None
+  if jax.process_index() == 0:
+    try:
+      note = lock.acquire()
+    except WorkdirError as e:
+      error = e
+  if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+    error = error or WorkdirError(f"{workdir} is in use by another train.py (process 0 says which)")
+  if error is not None:
+    raise error
+  return lock, note

@@ -29,7 +29,7 @@ def finished_run(shapes_config, tmp_path_factory):
   """An uninterrupted 6-step train.py run of the tiny demo on one device, in a
   subprocess, with checkpoints 2, 4 and 6: the reference losses of the resume
   tests and the workdir the run-safety tests copy. Read it, never write it."""
-  from test_train import flag_args, run_script  # pylint: disable=g-import-not-at-top
+  from helpers import flag_args, run_script  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("finished_run")
   proc = run_script(["--workdir", str(workdir), *flag_args(shapes_config)])
   out, _ = proc.communicate(timeout=600)

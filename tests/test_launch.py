@@ -31,9 +31,8 @@ import numpy as np
 import pytest
 
 from lseg_jax import config_lib, distributed, profiling, workdir as workdir_lib
-from test_train import ROOT, _load, demo, losses_by_step, train
+from helpers import ROOT, demo, eval_cli, losses_by_step, train
 
-eval_cli = _load(ROOT / "eval.py", "lseg_eval_launch")
 
 # Every variable a JAX cluster environment is detected by (jax._src.clusters).
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",

@@ -16,24 +16,10 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from helpers import COMPILE_CACHE, ROOT, flag_args, restorable_steps, run_script, tiny_config
 from lseg_jax import checkpoint, config_lib, workdir as workdir_lib
-from test_train import COMPILE_CACHE, ROOT, flag_args, run_script, tiny_config
-
-
-def restorable_steps(workdir: Path) -> list[int]:
-  """Finished steps whose `state` restores completely (every array read)."""
-  steps = []
-  for step in checkpoint.finished_steps(workdir):
-    with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.restore(workdir / "checkpoints" / str(step) / "state")
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
-    steps.append(step)
-  return sorted(steps)
 
 
 def run(args: list[str], timeout: int = 600) -> tuple[int, str, str]:
@@ -235,3 +221,21 @@ def test_validate_names_the_field(shapes_config):
   with pytest.raises(ValueError, match="unknown config key 'gradclip_norm'; did you mean grad_clip_norm"):
     config_lib.validate(config)
   config_lib.validate(tiny_config(shapes_config))  # the valid one passes
+
+
+def test_a_signal_during_the_first_compile_leaves_at_once(shapes_config, tmp_path):
+  """Nothing is trained yet, so nothing is saved: the run leaves with 143
+  without waiting for XLA (the compile runs in a worker thread, so the
+  signal handler runs while it lasts). No compilation cache here, so the
+  compile takes seconds."""
+  proc = run_script(["--workdir", str(tmp_path), *flag_args(shapes_config, total_steps=100)], compile_cache=False)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("compiling the train step"):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out = "".join(lines) + proc.communicate(timeout=120)[0]
+  assert proc.returncode == 143, out[-3000:]
+  assert "compiled in" not in out and not checkpoint.finished_steps(tmp_path) and "Traceback" not in out
+  assert not (tmp_path / workdir_lib.LOCK).exists()
