@@ -16,35 +16,14 @@ import subprocess
 import sys
 
 import flax
-import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import DEMO, ROOT, demo, eval_cli, random_variables
 from lseg_jax import checkpoint
-from lseg_jax.models import abstract_variables, get_model_config
-from test_train import _load
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = f"{ROOT / 'configs' / 'demo.py'}:backbone=tiny"
-
-
-eval_cli = _load(ROOT / "eval.py", "lseg_eval")
-demo = _load(ROOT / "configs" / "demo.py", "lseg_demo_config_eval")
-
-
-def random_variables(model_config, seed: int) -> dict:
-  """Finite random weights of the model's shapes (BatchNorm variances positive),
-  without compiling the model's init."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    if path[-1].key == "var":
-      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-    return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract_variables(model_config))
+from lseg_jax.models import get_model_config
 
 
 def save_steps(workdir: Path, steps: dict[int, dict]) -> None:
@@ -221,15 +200,16 @@ def test_eval_user_mistake_is_one_line_and_exit_2(bad, case, capsys):
   assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], err
 
 
-def test_eval_error_reaches_the_terminal_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("args, expected", [(["--workdir", "file.txt"], "is a file, not a directory"),
+                                            (["--workdir", ".", "--protocol", "dense"], "--protocol=dense")],
+                         ids=["bad_workdir", "bad_flag"])
+def test_eval_error_reaches_the_terminal_without_a_traceback(tmp_path, args, expected):
   (tmp_path / "file.txt").write_text("x")
-  for args, expected in [(["--workdir", str(tmp_path / "file.txt")], "is a file, not a directory"),
-                         (["--workdir", str(tmp_path), "--protocol", "dense"], "--protocol=dense")]:
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert expected in lines[0]
+  proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert expected in lines[0]
 
 
 # --- eval.py end to end -----------------------------------------------------------------------

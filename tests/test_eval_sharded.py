@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 
 from lseg_jax import checkpoint
-from test_eval_cli import DEMO, _load, demo, eval_cli, random_variables
-from test_real_builders import _pascal_tree
-from test_train import COMPILE_CACHE
+from helpers import COMPILE_CACHE, DEMO, demo, eval_cli, load_module, random_variables
+from helpers import pascal_fold  # noqa: F401  (a session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FEWSHOT = f"{ROOT / 'configs' / 'fewshot_lsegzs.py'}:dataset=pascal5i,fold=0"
-fewshot_config = _load(ROOT / "configs" / "fewshot_lsegzs.py", "lseg_fewshot_config_eval")
+fewshot_config = load_module(ROOT / "configs" / "fewshot_lsegzs.py", "lseg_config_fewshot_lsegzs")
 SPLITS = {"single": "validation", "multiscale": "validation[:6]", "fewshot": "test[:40]"}
 
 
@@ -35,15 +34,10 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pascal_input(tmp_path_factory) -> dict:
-  """The registered pascal5i dataset on a fake tree, prepared once."""
-  from lseg_jax import data
-  root = tmp_path_factory.mktemp("pascal")
-  _pascal_tree(root / "manual")
-  cfg = dict(data_dir=str(root / "data"), manual_dir=str(root / "manual"), crop_size=64, num_threads=1,
-             worker_count=0)
-  assert data.num_examples({"dataset": "pascal5i", "builder_config": "fold0", **cfg}, "test") == 1000
-  return cfg
+def pascal_input(pascal_fold) -> dict:
+  """The shared fake PASCAL-5i fold 0 (helpers.pascal_fold, 1000 test episodes)."""
+  return dict(data_dir=pascal_fold["input"]["data_dir"], manual_dir=pascal_fold["input"]["manual_dir"], crop_size=64,
+              num_threads=1, worker_count=0)
 
 
 def overrides(protocol: str, shapes_config: dict, pascal_input: dict) -> dict:

@@ -1,22 +1,17 @@
 """Metrics against independent numpy references, the multi-scale sliding
-window, and eval.py on a trained tiny workdir (predict: test_predict.py)."""
+window, and eval.py on a trained tiny workdir (predict: test_predict.py; every
+protocol of eval.py on 1 vs 8 devices and 2 processes: test_eval_sharded.py)."""
 
 import json
 import math
-import os
-from pathlib import Path
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import eval_cli
 from lseg_jax import inference, metrics, sharding
 from lseg_jax.models.layers import resize_bilinear_np
-from test_train import tiny_config, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def encoding_reference(preds, targets, nclass):
@@ -179,32 +174,20 @@ def test_flip_symmetry():
   np.testing.assert_allclose(b, a[:, ::-1], atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def trained(shapes_config, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  scores = train.train_and_evaluate(tiny_config(shapes_config, total_steps=4, ckpt_every=0), workdir)
-  return workdir, scores
+def logged_scores(workdir) -> dict:
+  """The final validation scores train.py logged (metrics.jsonl)."""
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {k.removeprefix("validation/"): v for k, v in [l for l in lines if "validation/mIoU" in l][-1].items()}
 
 
-def run_eval(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-
-
-def test_eval_reproduces_the_training_validation(trained):
-  workdir, scores = trained
-  proc = run_eval("--workdir", str(workdir))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads((workdir / "eval_single_validation.json").read_text())
-  assert result["mIoU"] == pytest.approx(scores["mIoU"], abs=1e-6)
-  assert result["pixAcc"] == pytest.approx(scores["pixAcc"], abs=1e-6)
+def test_eval_reproduces_the_training_validation(finished_run, tmp_path, capsys):
+  """eval.py on conftest's finished run (trained on one device, evaluated
+  here on 8) gives the scores train.py logged at its end."""
+  out = tmp_path / "scores.json"
+  assert eval_cli.main(["eval.py", "--workdir", str(finished_run), "--out", str(out)]) == 0, capsys.readouterr().err
+  result, logged = json.loads(out.read_text()), logged_scores(finished_run)
+  assert result["mIoU"] == pytest.approx(logged["mIoU"], abs=1e-6)
+  assert result["pixAcc"] == pytest.approx(logged["pixAcc"], abs=1e-6)
+  assert result["loss"] == pytest.approx(logged["loss"], rel=1e-5)
   assert set(result["IoU"]) == {"background", "circle", "square", "triangle", "star", "ring", "cross"}
 
-
-def test_eval_multiscale_protocol_runs(trained):
-  workdir, _ = trained
-  proc = run_eval("--workdir", str(workdir), "--protocol", "multiscale")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads((workdir / "eval_multiscale_validation.json").read_text())
-  assert 0.0 <= result["mIoU"] <= 1.0 and 0.0 < result["pixAcc"] <= 1.0

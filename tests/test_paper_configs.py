@@ -1,30 +1,17 @@
 """The paper configs build, state their target, and train a few steps with
 tiny overrides on fake ADE20K / PASCAL-5i trees (the real folder layouts)."""
 
-import importlib.util
 import json
-import os
-from pathlib import Path
 import subprocess
-import sys
 
 from etils import epath
 import numpy as np
 import pytest
 
+from fake_trees import ade_tree
+from helpers import ROOT, eval_cli, load_config, train
+from helpers import pascal_fold  # noqa: F401  (a session fixture)
 from lseg_jax import data, optim
-
-from test_real_builders import _ade_tree, _pascal_tree
-from test_train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{Path(name).stem}", ROOT / "configs" / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg), module.__doc__
 
 
 def shrink(config, data_dir, manual_dir):
@@ -52,23 +39,21 @@ def test_ade20k_config_is_the_official_recipe_and_trains(tmp_path):
   assert optim.base_learning_rate(config) == 0.001  # 0.004 / 16 x 4 per GPU (64 = 8 GPUs x 4 x 2 micro-batches)
   assert dict(config.lr_mults) == {"fusion": 10.0, "head": 10.0} and config.total_epochs == 240
   assert (config.input.crop_size, config.input.base_size) == (480, 520)
-  _ade_tree(epath.Path(tmp_path / "manual"))
+  ade_tree(epath.Path(tmp_path / "manual"))
   config = shrink(config, tmp_path / "tfds", tmp_path / "manual")
   config.grad_accum_steps = 2
   scores = train.train_and_evaluate(config, tmp_path / "run")
   assert 0.0 <= scores["mIoU"] <= 1.0
 
 
-@pytest.mark.parametrize("arg", ["dataset=pascal5i,fold=0"])
-def test_fewshot_config_trains_on_episodes(tmp_path, arg, monkeypatch):
-  config, doc = load_config("fewshot_lsegzs.py", arg)
+def test_fewshot_config_trains_on_episodes(tmp_path, pascal_fold, monkeypatch, capsys):
+  config, doc = load_config("fewshot_lsegzs.py", "dataset=pascal5i,fold=0")
   assert config.paper_miou == 52.8 and config.model.backbone == "clip_resnet101"
   assert config.input.builder_config == "fold0" and config.input.normalization == "imagenet"
   # The official schedule: stop after 4 epochs, poly over max_epochs (200); the LR is the release's open point.
   assert (config.total_epochs, config.schedule.horizon_epochs) == (4.0, 200.0)
   assert config.input.batch_size == 16 and "lang-seg #36" in doc and "tools/lr_sweep.sh" in doc
-  _pascal_tree(epath.Path(tmp_path / "manual"))
-  config = shrink(config, tmp_path / "tfds", tmp_path / "manual")
+  config = shrink(config, pascal_fold["input"]["data_dir"], pascal_fold["input"]["manual_dir"])
   config.input.update(dict(split="train", max_labels=2, batch_size=4))  # 2 episodes per step
   config.evals.split = "test"
   calls = []  # the loaders train.py builds
@@ -86,10 +71,8 @@ def test_fewshot_config_trains_on_episodes(tmp_path, arg, monkeypatch):
     np.testing.assert_array_equal(batch["label_ids"][0::2], batch["label_ids"][1::2])
     assert not np.array_equal(batch["image"][0], batch["image"][1]) and (batch["mask"] >= 0).all()
   # eval.py's zero-shot protocol on the same run: HSNet mIoU and FB-IoU over the fold's test classes.
-  proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(tmp_path / "run"),
-                         "--protocol", "fewshot"], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert eval_cli.main(["eval.py", "--workdir", str(tmp_path / "run"), "--protocol", "fewshot"]) == 0, (
+      capsys.readouterr().err[-3000:])
   result = json.loads((tmp_path / "run" / "eval_fewshot_test.json").read_text())
   assert 0.0 <= result["mIoU"] <= 100.0 and 0.0 <= result["FB-IoU"] <= 100.0
   assert set(result["IoU"]) == {"aeroplane", "bicycle", "bird", "boat", "bottle"}  # fold 0's test classes

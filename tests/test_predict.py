@@ -13,11 +13,11 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from helpers import tiny_config, train
 from lseg_jax import checkpoint, inference, labels as labels_lib, predict, sharding
 from lseg_jax.data import shapes
 from lseg_jax.models import get_model_config
 from lseg_jax.models.layers import resize_bilinear_np
-from test_train import tiny_config, train
 
 # ------------------------------------------------------------------ images
 

@@ -1,24 +1,28 @@
 """Real-dataset builders (ADE20K, PASCAL-5i, COCO-20i, FSS-1000) on tiny fake trees.
 
-Each test writes a few 40x60 images in the real folder layout, prepares the
-builder with file_format="array_record" into a temporary data_dir and reads it
-back with `tfds.data_source`, offline and without TensorFlow. The label tables
-are checked against the official lang-seg label files shipped in
-`lseg_jax/data/label_files/`, and against the lang-seg mirror when this
-machine has one. The registered pascal5i dataset is read back through the
-input pipeline too: training episodes (support, query) as the official
-zero-shot module, evaluation on the queries.
+Each test writes a few 40x60 images in the real folder layout (fake_trees.py),
+prepares the builder with file_format="array_record" into a temporary
+data_dir and reads it back with `tfds.data_source`, offline and without
+TensorFlow. The label tables are checked against the official lang-seg label
+files shipped in `lseg_jax/data/label_files/` (pinned to the official bytes by
+sha256) and HSNet's FSS-1000 split lists shipped in `tests/data/`. The
+registered pascal5i dataset is read back through the input pipeline too:
+training episodes (support, query) as the official zero-shot module,
+evaluation on the queries.
 """
 
 import ast
+import hashlib
 import pickle
-import subprocess
 
 from etils import epath
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
+
+from fake_trees import H, PASCAL_TRN, PASCAL_VAL0, W, ade_tree, pascal_tree, pil_rgb, rgb, save_image
+from helpers import pascal_fold  # noqa: F401  (a session fixture)
 
 from lseg_jax import data
 from lseg_jax.data import ade20k
@@ -31,42 +35,18 @@ from lseg_jax.data import pascal5i
 from lseg_jax.data import tfds_utils
 from lseg_jax.data import transforms
 
-H, W = 40, 60
 LABEL_DIR = files.LABEL_FILES_DIR
-MIRROR = epath.Path("/work/.mirror/isl-org+lang-seg/repo")
+HERE = epath.Path(__file__).parent
 
 
 # ---------------------------------------------------------------------------
 # Helpers.
 
 
-def _rgb(seed: int) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
-
-
-def _save(path: epath.Path, array: np.ndarray, fmt: str | None = None) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path, format=fmt)
-
-
-def _pil_rgb(path: epath.Path) -> np.ndarray:
-  """What the official loaders see: PIL decode + convert('RGB')."""
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
 def _prepare(builder_cls, data_dir, manual_dir, **kwargs):
   builder = builder_cls(data_dir=str(data_dir), file_format="array_record", **kwargs)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   return builder
-
-
-def _mirror_file(path: str) -> str | None:
-  """A file of the lang-seg mirror at HEAD, or None when this machine has no mirror."""
-  if not MIRROR.exists():
-    return None
-  res = subprocess.run(["git", f"--git-dir={MIRROR}", "show", f"HEAD:{path}"], capture_output=True, text=True)
-  return res.stdout if res.returncode == 0 else None
 
 
 def _by_name(source) -> dict:
@@ -113,11 +93,25 @@ def test_ade20k_labels_are_the_official_strings():
   assert labels.count("screen") == 2 and [i for i, x in enumerate(labels) if x == "screen"] == [58, 130]
   assert "coffee" in labels and "coffee table" not in labels
   assert labels[-3:] == ("glass", "clock", "flag")
-  official = _mirror_file("label_files/ade20k_objectInfo150.txt")
-  if official is not None:
-    assert labels == ade20k.labels_from_object_info(official)
-    # The official loop: readlines, strip, split(',')[-1].split(';')[0], drop the header.
-    assert labels == tuple(l.strip().split(",")[-1].split(";")[0] for l in official.splitlines(True)[1:])
+  official = (LABEL_DIR / "ade20k_objectInfo150.txt").read_text()
+  assert labels == ade20k.labels_from_object_info(official)
+  # The official loop: readlines, strip, split(',')[-1].split(';')[0], drop the header.
+  assert labels == tuple(l.strip().split(",")[-1].split(";")[0] for l in official.splitlines(True)[1:])
+
+
+# sha256 of lang-seg's label_files/* at bb00b219f82dc1a18a01f9b0b647bae1d41f3aeb
+# (label_files/README.md), computed from that commit's blobs.
+OFFICIAL_SHA256 = {
+    "ade20k_objectInfo150.txt": "5a2c5061143dd3fe55a360960eb71d92ed018fc72e000aa2e7e3fb0399f7a348",
+    "fewshot_pascal.txt": "7d877f185c807bc51b4cfb4f4202fc0b4e1c6724b782ba245fe36f8d254f0ad7",
+    "fewshot_coco.txt": "3ccf800c20ccafc41fb0954368d338bd2cd11f9191978763fda565129ba1657a",
+    "fewshot_fss.txt": "016a9a5b5356f1c60357cbfc2067bad487dd24e86266b1697fb6182fecfd090d",
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_SHA256))
+def test_shipped_label_files_are_the_official_bytes(name):
+  assert hashlib.sha256((LABEL_DIR / name).read_bytes()).hexdigest() == OFFICIAL_SHA256[name]
 
 
 def test_fewshot_label_tables_are_the_official_strings():
@@ -135,20 +129,14 @@ def test_fewshot_label_tables_are_the_official_strings():
                       (coco20i.Coco20iLseg, coco20i.COCO_LABELS), (fss1000.Fss1000Lseg, fss1000.FSS_LABELS)):
     assert cls.LABELS is labels
     assert cls.MASK_MAP(np.zeros((2, 2, 1), np.uint8)).dtype == np.int32
-  for name in ("ade20k_objectInfo150.txt", "fewshot_pascal.txt", "fewshot_coco.txt", "fewshot_fss.txt"):
-    official = _mirror_file(f"label_files/{name}")
-    if official is not None:
-      assert (LABEL_DIR / name).read_text() == official, name
 
 
-def test_fss_split_rule_matches_hsnet_lists():
-  """fewshot_fss.txt = sorted(trn) + sorted(val) + sorted(test) (HSNet's class ids)."""
-  for split, fname in (("train", "trn"), ("validation", "val"), ("test", "test")):
-    text = _mirror_file(f"fewshot_data/data/splits/fss/{fname}.txt")
-    if text is None:
-      pytest.skip("no lang-seg mirror on this machine")
-    names = sorted(x for x in text.split("\n") if x)
-    assert names == [fss1000.FSS_LABELS[c] for c in fss1000.fss_class_ids(split)]
+@pytest.mark.parametrize("split, fname", [("train", "trn"), ("validation", "val"), ("test", "test")])
+def test_fss_split_rule_matches_hsnet_lists(split, fname):
+  """fewshot_fss.txt = sorted(trn) + sorted(val) + sorted(test) (HSNet's class
+  ids): the lists of lang-seg's fewshot_data/data/splits/fss, shipped in tests/data."""
+  names = sorted(x for x in (HERE / "data" / "hsnet_fss_splits" / f"{fname}.txt").read_text().split("\n") if x)
+  assert names == [fss1000.FSS_LABELS[c] for c in fss1000.fss_class_ids(split)]
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +205,7 @@ def test_episode_and_ade_mask_maps():
   raw = np.array([[0, 3, 4, 255, 21]], np.uint8)
   np.testing.assert_array_equal(fewshot.binary_class_mask(raw, 2), [[0, 1, 0, 255, 0]])
   np.testing.assert_array_equal(fewshot.binary_class_mask(raw, 2, ignore_value=None), [[0, 1, 0, 0, 0]])
-  ex = fewshot.episode_example({"image": _rgb(0), "mask": m[..., None], "class_id": 7})
+  ex = fewshot.episode_example({"image": rgb(0), "mask": m[..., None], "class_id": 7})
   np.testing.assert_array_equal(ex["mask"], [[0, 8, -1]])
   np.testing.assert_array_equal(ex["label_ids"], [0, 8])
   table = fewshot.episode_label_table(pascal5i.PASCAL_LABELS)
@@ -231,7 +219,7 @@ def test_episode_and_ade_mask_maps():
 
 
 def test_fewshot_resize():
-  image = _rgb(0)
+  image = rgb(0)
   mask = np.arange(H * W, dtype=np.int32).reshape(H, W)
   out, m = fewshot.fewshot_resize(image, mask)
   assert out.shape == (480, 480, 3) and out.dtype == np.uint8 and m.shape == (480, 480)
@@ -241,39 +229,15 @@ def test_fewshot_resize():
   np.testing.assert_array_equal(fewshot.torch_nearest_indices(40, 480), np.arange(480) // 12)
   np.testing.assert_array_equal(m, mask[np.arange(480) // 12][:, np.arange(480) // 8])
   big = np.zeros((500, 700), np.uint8)
-  assert fewshot.fewshot_resize(_rgb(1), big[..., None])[1].shape == (480, 480, 1)
+  assert fewshot.fewshot_resize(rgb(1), big[..., None])[1].shape == (480, 480, 1)
 
 
 # ---------------------------------------------------------------------------
 # ADE20K.
 
 
-def _ade_tree(root: epath.Path, bad_id: int | None = None) -> dict:
-  """ADEChallengeData2016 with 3 train (RGB, grayscale, RGBA) and 2 val images."""
-  base = root / "ADEChallengeData2016"
-  masks = {}
-  for split, prefix, n in (("training", "ADE_train", 3), ("validation", "ADE_val", 2)):
-    for i in range(n):
-      stem = f"{prefix}_{i + 1:08d}"
-      image = _rgb(i + 10 * n)
-      if split == "training" and i == 1:
-        _save(base / "images" / split / f"{stem}.jpg", image[..., 0])  # grayscale JPEG
-      elif split == "training" and i == 2:  # RGBA PNG bytes behind a .jpg name
-        rgba = np.concatenate([image, np.full((H, W, 1), 128, np.uint8)], -1)
-        _save(base / "images" / split / f"{stem}.jpg", rgba, fmt="PNG")
-      else:
-        _save(base / "images" / split / f"{stem}.jpg", image)
-      mask = np.zeros((H, W), np.uint8)
-      mask[:, 10:20], mask[:, 20:30], mask[:5] = 1, 150, i + 7
-      if bad_id is not None and i == 0 and split == "training":
-        mask[0, 0] = bad_id
-      _save(base / "annotations" / split / f"{stem}.png", mask)
-      masks[stem] = mask
-  return masks
-
-
 def test_ade20k_builder(tmp_path):
-  masks = _ade_tree(tmp_path / "manual")
+  masks = ade_tree(tmp_path / "manual")
   builder = _prepare(ade20k.Ade20kLseg, tmp_path / "data", tmp_path / "manual")
   assert builder.info.metadata["labels"] == list(ade20k.ADE20K_LABELS)
   sources = tfds.data_source("ade20k_lseg", data_dir=str(tmp_path / "data"))
@@ -288,7 +252,7 @@ def test_ade20k_builder(tmp_path):
       np.testing.assert_array_equal(target[..., 0], masks[stem].astype(np.int32) - 1)
       assert target.min() == -1 and target.max() == 149
       assert ex["label_ids"].tolist() == sorted({int(v) - 1 for v in np.unique(masks[stem]) if v})
-      np.testing.assert_array_equal(ex["image"], _pil_rgb(images / folder / f"{stem}.jpg"))
+      np.testing.assert_array_equal(ex["image"], pil_rgb(images / folder / f"{stem}.jpg"))
   gray = _by_name(sources["train"])["ADE_train_00000002"]["image"]
   assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 
@@ -299,7 +263,7 @@ def test_ade20k_errors(tmp_path):
   (tmp_path / "half" / "ADEChallengeData2016" / "images" / "training").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="annotations/training"):
     _prepare(ade20k.Ade20kLseg, tmp_path / "data2", tmp_path / "half")
-  _ade_tree(tmp_path / "bad", bad_id=151)
+  ade_tree(tmp_path / "bad", bad_id=151)
   with pytest.raises(ValueError, match=r"ADE_train_00000001\.png.*151"):
     _prepare(ade20k.Ade20kLseg, tmp_path / "data3", tmp_path / "bad")
 
@@ -307,50 +271,15 @@ def test_ade20k_errors(tmp_path):
 # ---------------------------------------------------------------------------
 # PASCAL-5i.
 
-_PASCAL_VAL0 = ["2007_000001__01", "2007_000002__03", "2007_000001__05", "2007_000003__02"]
-# Fold 0 trains on the lines of folds 1-3: two images of each class, so every
-# training episode can draw a support image other than its query.
-_PASCAL_TRN = {0: ["2008_000001__02"], 1: ["2008_000001__07", "2008_000002__10", "2008_000003__07", "2008_000003__10"],
-               2: ["2008_000002__12", "2008_000001__12"],
-               3: ["2008_000003__20", "2008_000001__16", "2008_000002__20", "2008_000002__16"]}
-
-
-def _pascal_tree(root: epath.Path, bad_id: int | None = None) -> dict:
-  names = sorted({l.split("__")[0] for l in _PASCAL_VAL0} | {l.split("__")[0] for v in _PASCAL_TRN.values() for l in v})
-  masks = {}
-  for i, name in enumerate(names):
-    image = _rgb(100 + i)
-    path = root / "VOC2012" / "JPEGImages" / f"{name}.jpg"
-    if name == "2007_000002":
-      _save(path, image[..., 1])  # grayscale
-    else:
-      _save(path, image)
-    mask = np.zeros((H, W), np.uint8)
-    for k, c in enumerate((1, 3, 5, 2, 7, 10, 12, 20, 16)):
-      mask[:, 5 * k:5 * k + 4] = c
-    mask[:, 4::5] = 255  # boundaries between the stripes
-    if bad_id is not None and name == "2007_000001":
-      mask[0, 0] = bad_id
-    _save(root / "VOC2012" / "SegmentationClassAug" / f"{name}.png", mask)
-    masks[name] = mask
-  for f in range(4):
-    val = _PASCAL_VAL0 if f == 0 else [f"2007_000001__{5 * f + 1:02d}"]
-    for split, lines in (("val", val), ("trn", _PASCAL_TRN[f])):
-      p = root / "splits" / "pascal" / split / f"fold{f}.txt"
-      p.parent.mkdir(parents=True, exist_ok=True)
-      p.write_text("".join(l + "\n" for l in lines))
-  return masks
-
-
-def test_pascal5i_builder(tmp_path):
-  masks = _pascal_tree(tmp_path / "manual")
+def test_pascal5i_builder(tmp_path, pascal_fold):
+  manual, masks = pascal_fold["manual"], pascal_fold["masks"]
   config = fewshot_builder.FewShotConfig(name="fold0_n6", fold=0, n_episodes=6, seed=0)
-  _prepare(pascal5i.Pascal5iLseg, tmp_path / "data", tmp_path / "manual", config=config)
+  _prepare(pascal5i.Pascal5iLseg, tmp_path / "data", manual, config=config)
   sources = tfds.data_source("pascal5i_lseg/fold0_n6", data_dir=str(tmp_path / "data"))
   test, train = sources["test"], sources["train"]
-  episodes = pascal5i.pascal_episodes(tmp_path / "manual" / "splits" / "pascal", 0, n_episodes=6)
+  episodes = pascal5i.pascal_episodes(manual / "splits" / "pascal", 0, n_episodes=6)
   assert len(test) == 6
-  expected = [(l.split("__")[0], int(l.split("__")[1]) - 1) for l in _PASCAL_VAL0]
+  expected = [(l.split("__")[0], int(l.split("__")[1]) - 1) for l in PASCAL_VAL0]
   assert [(e.query, e.class_id) for e in episodes] == [expected[i % 4] for i in range(6)]
   for i, e in enumerate(episodes):  # record i is episode i
     ex = test[i]
@@ -361,10 +290,9 @@ def test_pascal5i_builder(tmp_path):
     target = fewshot.episode_mask_map(ex["mask"])[..., 0]
     np.testing.assert_array_equal(target, np.where(raw == 255, -1, (raw == e.class_id + 1).astype(np.int32)))
     assert (target == 1).any() and (target == -1).sum() == (raw == 255).sum()
-    path = tmp_path / "manual" / "VOC2012" / "JPEGImages" / f"{e.query}.jpg"
-    np.testing.assert_array_equal(ex["image"], _pil_rgb(path))  # grayscale -> RGB too
+    np.testing.assert_array_equal(ex["image"], pil_rgb(manual / "VOC2012" / "JPEGImages" / f"{e.query}.jpg"))
   # train = trn lists of the other folds, in order.
-  lines = [l for f in (1, 2, 3) for l in _PASCAL_TRN[f]]
+  lines = [l for f in (1, 2, 3) for l in PASCAL_TRN[f]]
   got = [(train[i]["file_name"].decode(), int(train[i]["class_id"])) for i in range(len(train))]
   assert got == [(l.split("__")[0], int(l.split("__")[1]) - 1) for l in lines]
   info = tfds.builder("pascal5i_lseg/fold0_n6", data_dir=str(tmp_path / "data")).info
@@ -375,41 +303,35 @@ def test_pascal5i_builder(tmp_path):
 def test_pascal5i_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="VOCtrainval_11-May-2012.tar"):
     _prepare(pascal5i.Pascal5iLseg, tmp_path / "data", tmp_path / "nowhere")
-  _pascal_tree(tmp_path / "nosplits")
+  pascal_tree(tmp_path / "nosplits")
   (tmp_path / "nosplits" / "splits" / "pascal" / "val" / "fold0.txt").unlink()
   with pytest.raises(FileNotFoundError, match="hsnet"):
     _prepare(pascal5i.Pascal5iLseg, tmp_path / "data1", tmp_path / "nosplits", splits=("test",))
-  _pascal_tree(tmp_path / "bad", bad_id=21)
+  pascal_tree(tmp_path / "bad", bad_id=21)
   with pytest.raises(ValueError, match=r"2007_000001\.png.*\[21\]"):
     _prepare(pascal5i.Pascal5iLseg, tmp_path / "data2", tmp_path / "bad", splits=("test",),
              config=fewshot_builder.FewShotConfig(name="fold0_n2", fold=0, n_episodes=2))
-
-
-def _pascal_input(tmp_path) -> dict:
-  """Input config of the registered pascal5i dataset on the fake tree, at the
-  fake images' width (the zero-shot square resize)."""
-  return dict(dataset="pascal5i", builder_config="fold0", data_dir=str(tmp_path / "data"),
-              manual_dir=str(tmp_path / "manual"), crop_size=W, train_mode="resize", eval_mode="resize",
-              normalization="imagenet", max_labels=2, num_threads=1)
 
 
 def _resized_mask(mask: np.ndarray) -> np.ndarray:
   return fewshot.fewshot_resize(np.zeros((H, W, 3), np.uint8), mask, W)[1]
 
 
-def test_pascal5i_trains_on_support_query_episodes(tmp_path):
+def test_pascal5i_trains_on_support_query_episodes(pascal_fold):
   """As the official zero-shot module: a batch of 4 images is 2 episodes, each
   a support then a query of one class from two different images; boundaries
-  are "others" (0) in training and ignored (-1) in evaluation."""
-  masks = _pascal_tree(tmp_path / "manual")
-  cfg = _pascal_input(tmp_path)
+  are "others" (0) in training and ignored (-1) in evaluation. The images keep
+  their width (the zero-shot square resize to crop_size)."""
+  masks = pascal_fold["masks"]
+  cfg = dict(pascal_fold["input"], crop_size=W, train_mode="resize", eval_mode="resize", normalization="imagenet",
+             max_labels=2, num_threads=1)
   kw = dict(global_batch_size=4, seed=0, train=True, num_epochs=1)
   batches = list(iter(data.make_loader(cfg, "train", shard_index=0, shard_count=1, **kw)))
-  records = [(l.split("__")[0], int(l.split("__")[1]) - 1) for f in (1, 2, 3) for l in _PASCAL_TRN[f]]
+  records = [(l.split("__")[0], int(l.split("__")[1]) - 1) for f in (1, 2, 3) for l in PASCAL_TRN[f]]
   assert len(batches) == len(records) // 2 == 5 and data.num_examples(cfg, "train", train=True) == 20
   stats = transforms.normalization_stats("imagenet")
-  voc = tmp_path / "manual" / "VOC2012" / "JPEGImages"
-  expected = {name: transforms.normalize(fewshot.fewshot_resize(_pil_rgb(voc / f"{name}.jpg"), None, W)[0], *stats)
+  voc = pascal_fold["manual"] / "VOC2012" / "JPEGImages"
+  expected = {name: transforms.normalize(fewshot.fewshot_resize(pil_rgb(voc / f"{name}.jpg"), None, W)[0], *stats)
               for name in masks}
   rows = []  # (image name, class, mask) of every row, in order
   for b in batches:
@@ -432,7 +354,7 @@ def test_pascal5i_trains_on_support_query_episodes(tmp_path):
   test = next(iter(data.make_loader(cfg, "test", global_batch_size=4, seed=0, train=False,
                                     shard_index=0, shard_count=1)))
   for i, (mask, ids) in enumerate(zip(test["mask"], test["label_ids"])):
-    name, c = _PASCAL_VAL0[i].split("__")
+    name, c = PASCAL_VAL0[i].split("__")
     resized = _resized_mask(masks[name])
     np.testing.assert_array_equal(ids, [0, int(c)])
     np.testing.assert_array_equal(mask, np.where(resized == fewshot.STORED_IGNORE, -1, resized == int(c)))
@@ -448,16 +370,16 @@ def _coco_tree(root: epath.Path) -> dict:
   for split, n in (("val2014", 4), ("train2014", 2)):
     for i in range(n):
       key = f"{split}/COCO_{split}_{i + 1:012d}.jpg"
-      image = _rgb(200 + i + n)
+      image = rgb(200 + i + n)
       if i == 1:  # COCO has grayscale JPEGs
-        _save(base / key, image[..., 2])
+        save_image(base / key, image[..., 2])
       else:
-        _save(base / key, image)
+        save_image(base / key, image)
       mask = np.zeros((H, W), np.uint8)
       mask[:, :15] = 1 + 4 * i  # classes 4i (0-based), in fold 0
       mask[:, 15:30] = 2  # class 1 (fold 1)
       mask[:5] = 80  # class 79 (fold 3)
-      _save(base / "annotations" / f"{key[:-4]}.png", mask)
+      save_image(base / "annotations" / f"{key[:-4]}.png", mask)
       masks[key] = mask
   val = {c: [] for c in range(80)}
   trn = {c: [] for c in range(80)}
@@ -492,7 +414,7 @@ def test_coco20i_builder(tmp_path):
     assert ex["image"].shape == (H, W, 3) and ex["mask"].shape == (H, W, 1)
     target = fewshot.episode_mask_map(ex["mask"])[..., 0]
     np.testing.assert_array_equal(target, (masks[e.query] == e.class_id + 1).astype(np.int32))
-    np.testing.assert_array_equal(ex["image"], _pil_rgb(tmp_path / "manual" / "COCO2014" / e.query))
+    np.testing.assert_array_equal(ex["image"], pil_rgb(tmp_path / "manual" / "COCO2014" / e.query))
   train = sources["train"]
   assert [(train[i]["file_name"].decode(), int(train[i]["class_id"])) for i in range(len(train))] == [
       ("train2014/COCO_train2014_000000000001.jpg", 1), ("train2014/COCO_train2014_000000000002.jpg", 1),
@@ -507,7 +429,7 @@ def test_coco20i_errors(tmp_path):
   key = next(k for k in masks if k.startswith("val2014"))
   bad = masks[key].copy()
   bad[0, 0] = 81
-  _save(tmp_path / "manual" / "COCO2014" / "annotations" / f"{key[:-4]}.png", bad)
+  save_image(tmp_path / "manual" / "COCO2014" / "annotations" / f"{key[:-4]}.png", bad)
   with pytest.raises(ValueError, match=r"COCO_val2014_000000000001\.png.*\[81\]"):
     _prepare(coco20i.Coco20iLseg, tmp_path / "data2", tmp_path / "manual", splits=("test",),
              split_dir=tmp_path / "manual" / "hsnet_splits",
@@ -530,17 +452,17 @@ def test_fss1000_builder(tmp_path):
   assert (test_ids[0], test_ids[-1], len(test_ids)) == (760, 999, 240)
   for c in test_ids:
     for k in (1, 2):
-      image = _rgb(c * 10 + k)
+      image = rgb(c * 10 + k)
       if c == 761 and k == 2:
         image = np.concatenate([image, np.zeros((H, W, 1), np.uint8)], -1)  # RGBA PNG as .jpg
-        _save(base / fss1000.FSS_LABELS[c] / f"{k}.jpg", image, fmt="PNG")
+        save_image(base / fss1000.FSS_LABELS[c] / f"{k}.jpg", image, fmt="PNG")
       else:
-        _save(base / fss1000.FSS_LABELS[c] / f"{k}.jpg", image)
+        save_image(base / fss1000.FSS_LABELS[c] / f"{k}.jpg", image)
       mask = np.zeros((H, W), np.uint8)
       mask[:, : 10 * k] = 255
       mask[0, 0] = 127  # below the threshold
       mask[1, 1] = 128
-      _save(base / fss1000.FSS_LABELS[c] / f"{k}.png", mask)
+      save_image(base / fss1000.FSS_LABELS[c] / f"{k}.png", mask)
   _prepare(fss1000.Fss1000Lseg, tmp_path / "data", tmp_path / "manual", splits=("test",))
   test = tfds.data_source("fss1000_lseg", data_dir=str(tmp_path / "data"), split="test")
   assert len(test) == 480
@@ -553,7 +475,7 @@ def test_fss1000_builder(tmp_path):
     expected[:, : 10 * k] = 1
     expected[0, 0], expected[1, 1] = 0, 1
     np.testing.assert_array_equal(fewshot.episode_mask_map(ex["mask"])[..., 0], expected)
-    np.testing.assert_array_equal(ex["image"], _pil_rgb(base / ex["file_name"].decode()))
+    np.testing.assert_array_equal(ex["image"], pil_rgb(base / ex["file_name"].decode()))
   entries = fss1000.fss_entries(tmp_path / "manual", "test")
   assert len(fss1000.fss_episodes(entries)) == 480
   one_shot = fss1000.fss_episodes(entries, shot=1)
@@ -564,16 +486,15 @@ def test_fss1000_builder(tmp_path):
     _prepare(fss1000.Fss1000Lseg, tmp_path / "data3", tmp_path / "nowhere")
 
 
-def test_large_split_prepares_without_tensorflow(tmp_path, monkeypatch):
+def test_large_split_prepares_without_tensorflow(tmp_path, monkeypatch, pascal_fold):
   """Past TFDS's 1 GB in-memory limit its writer needs tf.io.gfile; the builders
   lift the limit while preparing. Forced here by lowering the limit to 2 kB."""
   from tensorflow_datasets.core import shuffle
   monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 2000)
-  _pascal_tree(tmp_path / "manual")
   config = fewshot_builder.FewShotConfig(name="fold0_n30", fold=0, n_episodes=30)
-  _prepare(pascal5i.Pascal5iLseg, tmp_path / "data", tmp_path / "manual", config=config, splits=("test",))
+  _prepare(pascal5i.Pascal5iLseg, tmp_path / "data", pascal_fold["manual"], config=config, splits=("test",))
   assert shuffle.MAX_MEM_BUFFER_SIZE == 2000  # restored
   test = tfds.data_source("pascal5i_lseg/fold0_n30", data_dir=str(tmp_path / "data"), split="test")
-  episodes = pascal5i.pascal_episodes(tmp_path / "manual" / "splits", 0, n_episodes=30)
+  episodes = pascal5i.pascal_episodes(pascal_fold["manual"] / "splits", 0, n_episodes=30)
   assert [(test[i]["file_name"].decode(), int(test[i]["class_id"])) for i in range(30)] == [
       (e.query, e.class_id) for e in episodes]
