@@ -6,8 +6,25 @@ from pathlib import Path
 import zlib
 
 import numpy as np
+import pytest
 
 GOLDEN_DIR = Path(os.environ.get("LSEG_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+
+def fixtures(folder: Path, pattern: str) -> list[Path]:
+  """The fixture files `pattern` in `folder`, sorted; none where it is no folder."""
+  return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def check_fixtures_present(found: list[Path], folder: Path, pattern: str) -> None:
+  """Fails when LSEG_GOLDEN_DIR is set and `folder` holds no `pattern` (an
+  empty or misspelt folder must not pass as skipped parity tests); skips,
+  saying so, when it is unset and the default folder holds none."""
+  if found:
+    return
+  if "LSEG_GOLDEN_DIR" in os.environ:
+    pytest.fail(f"LSEG_GOLDEN_DIR is set but {folder} holds no {pattern} fixture")
+  pytest.skip(f"no golden fixtures ({pattern}) in {folder}; set LSEG_GOLDEN_DIR to the folder that holds them")
 
 
 def regenerate_state_dict(fixture: dict) -> dict[str, np.ndarray]:

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golden_utils import GOLDEN_DIR, regenerate_state_dict
+from golden_utils import GOLDEN_DIR, check_fixtures_present, fixtures, regenerate_state_dict
 from lseg_jax import convert, tokenizer
 from lseg_jax.models import build_model
 
-FIXTURES = sorted(GOLDEN_DIR.glob("*.json")) if GOLDEN_DIR.is_dir() else []
+FIXTURES = fixtures(GOLDEN_DIR, "*.json")
 # README "Tolerances": float32 arrays 1e-4; the float16-stored arrays 5e-3.
 TOLERANCE = {np.dtype("float32"): 1e-4, np.dtype("float16"): 5e-3}
 INPUTS = ("input", "token_ids", "class_info")
@@ -67,8 +67,10 @@ def run_port(fixture: dict, ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]
   return {k: np.asarray(v) for k, v in ours.items()}
 
 
-@pytest.mark.skipif(not FIXTURES, reason=f"no golden fixtures (*.json + *.npz) in {GOLDEN_DIR}; "
-                    "set LSEG_GOLDEN_DIR to the folder that holds them")
+def test_golden_fixtures_are_present():
+  check_fixtures_present(FIXTURES, GOLDEN_DIR, "*.json")
+
+
 @pytest.mark.parametrize("fixture_path", FIXTURES, ids=[p.stem for p in FIXTURES])
 def test_golden_parity(fixture_path: Path, capsys):
   fixture = json.loads(fixture_path.read_text())

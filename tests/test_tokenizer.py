@@ -12,21 +12,16 @@ exactly.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from golden_utils import GOLDEN_DIR, check_fixtures_present, fixtures
 from lseg_jax import tokenizer as T
 from lseg_jax.tokenizer import CONTEXT_LENGTH, EOT, SOT, clean_text, split_words, tokenize
 
-GOLDEN_DIR = Path(
-  os.environ.get(
-    "LSEG_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-  )
-)
-GOLDEN_FILES = sorted(GOLDEN_DIR.glob("*.json")) if GOLDEN_DIR.is_dir() else []
+GOLDEN_FILES = fixtures(GOLDEN_DIR, "*.json")
 
 
 def _ids(text: str) -> list[int]:
@@ -156,9 +151,10 @@ def _fixture_ids(path: Path) -> tuple[np.ndarray, np.ndarray]:
   return ours, ref
 
 
-@pytest.mark.skipif(
-  not GOLDEN_FILES, reason=f"no golden fixtures (*.json) in {GOLDEN_DIR}; set LSEG_GOLDEN_DIR"
-)
+def test_golden_token_fixtures_are_present():
+  check_fixtures_present(GOLDEN_FILES, GOLDEN_DIR, "*.json")
+
+
 @pytest.mark.parametrize("path", GOLDEN_FILES, ids=[p.stem for p in GOLDEN_FILES])
 def test_golden_token_ids(path: Path):
   ours, ref = _fixture_ids(path)
