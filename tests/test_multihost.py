@@ -115,13 +115,13 @@ def test_a_two_process_checkpoint_resumes_on_another_process_count(shapes_config
 
 def test_a_checkpoint_resumes_on_another_mesh(shapes_config, finished_run, tmp_path):
   """conftest's 1-device run (checkpoints 2, 4, 6), cut back and resumed in
-  turn: 1 device -> data8 -> 1 device, then 1 device -> data2 x fsdp4 ->
-  data8. Every resumed step has the uninterrupted run's loss."""
+  turn: 1 device -> data8, whose checkpoint 4 then resumes on 1 device and on
+  data2 x fsdp4. Every resumed step has the uninterrupted run's loss."""
   reference = losses_by_step(finished_run)
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
   data8, fsdp, one = (("data", 8),), (("data", 2), ("fsdp", 4)), (("data", 1),)
-  for keep, mesh in ((2, data8), (4, one), (2, fsdp), (4, data8)):  # checkpoint `keep` saved by the mesh before
+  for keep, mesh in ((2, data8), (4, one), (4, fsdp)):  # from checkpoint `keep`, saved on the mesh before it
     for step in checkpoint.finished_steps(workdir):
       if step > keep:
         shutil.rmtree(workdir / "checkpoints" / str(step))  # as if the run had stopped after `keep`

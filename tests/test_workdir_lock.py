@@ -100,9 +100,11 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_readers_are_not(shapes_co
   assert f"pid {first.pid}" in errors[0] and socket.gethostname() in errors[0] and "since" in errors[0], errors
   assert {p.name: p.read_bytes() for p in workdir.glob("*.json")} == before
 
+  newest = checkpoint.latest_step(workdir)
   scored = run_eval(workdir)
   assert scored.returncode == 0, (scored.stdout + scored.stderr)[-3000:]
-  assert json.loads((tmp_path / "scores.json").read_text())["mIoU"] >= 0.0
+  scores = json.loads((tmp_path / "scores.json").read_text())
+  assert scores["step"] >= newest and scores["mIoU"] >= 0.0, scores  # the newest finished checkpoint
   image = tmp_path / "photo.png"
   PIL.Image.fromarray(np.full((40, 56, 3), 200, np.uint8)).save(image)
   assert predict.main(["--checkpoint", str(workdir), "--labels", "background,circle", "--out",
@@ -121,4 +123,4 @@ def test_two_runs_started_at_once_one_trains_one_is_refused(shapes_config, tmp_p
   assert sorted(p.returncode for p in procs) == [0, 2], [o[-2000:] for o in outs]
   refused = outs[[p.returncode for p in procs].index(2)]
   assert "in use by another train.py" in refused and "Traceback" not in refused
-  assert checkpoint.finished_steps(tmp_path / "run") == [2, 4]
+  assert checkpoint.finished_steps(tmp_path / "run") == [4, 2]
