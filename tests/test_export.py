@@ -1,15 +1,17 @@
 """`python -m lseg_jax.export`: the deserialized artifact gives the logits
 and text embeddings of the Flax model for any batch and label count, and
-eval.py scores it as it scores the checkpoint."""
+eval.py and predict use it as they use the checkpoint."""
 
 import json
 
+import jax
 import numpy as np
+from PIL import Image
 import pytest
 
-from lseg_jax import checkpoint, export, tokenizer
+from helpers import DEMO, eval_cli, random_variables
+from lseg_jax import checkpoint, export, predict, tokenizer
 from lseg_jax.models import LSeg, build_model, get_model_config
-from test_eval_cli import DEMO, eval_cli, random_variables
 
 pytest.importorskip("flatbuffers", reason="jax.export serialization needs the flatbuffers package")
 
@@ -36,14 +38,14 @@ def test_artifact_gives_the_logits_of_the_model(exported, batch, labels):
   label_mask[0, -1] = batch == 1  # a padded label in the second case
   image_vars = {"params": {k: v for k, v in variables["params"].items() if k != "text_encoder"},
                 "batch_stats": variables["batch_stats"]}
-  expected = np.asarray(model.apply(image_vars, images, text, label_mask))
+  expected = np.asarray(jax.jit(model.apply)(image_vars, images, text, label_mask))  # jitted: eager is slow
   got = np.asarray(artifact.segment.call(images, text, label_mask))
   assert got.shape == (batch, 64, 64, labels)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
   ids = tokenizer.tokenize([f"label {i}" for i in range(labels)])
-  text_expected = model.apply({"params": {"text_encoder": variables["params"]["text_encoder"]}}, ids,
-                              method=LSeg.encode_text)
+  text_expected = jax.jit(lambda p, i: model.apply(p, i, method=LSeg.encode_text))(
+      {"params": {"text_encoder": variables["params"]["text_encoder"]}}, ids)
   np.testing.assert_allclose(artifact.encode_text.call(ids), text_expected, rtol=1e-5, atol=1e-5)
 
 
@@ -84,3 +86,24 @@ def test_eval_refuses_an_artifact_of_another_window(exported, capsys):
   rc = eval_cli.main(["eval.py", "--exported", str(path), "--config", DEMO])  # the demo's crop is 96
   err = capsys.readouterr().err
   assert rc == 2 and "runs 64 px windows, input.crop_size is 96: export with --window 96" in err
+
+
+def test_predict_exported_gives_the_labels_of_the_checkpoint(exported, tmp_path, capsys):
+  """python -m lseg_jax.predict --exported FILE writes the label ids (and
+  logits) --checkpoint writes for the model it was exported from: 64 px
+  windows without the square resize, two images of other sizes, a prompt
+  ensemble (the artifact's text tower)."""
+  _, _, model_dir, path = exported
+  rng = np.random.default_rng(0)
+  for name, hw in (("a.png", (50, 90)), ("b.png", (64, 40))):
+    Image.fromarray(rng.integers(0, 255, (*hw, 3), np.uint8)).save(tmp_path / name)
+  common = ["--labels", "dog,cat,grass", "--template", "a photo of a {}.", "--template", "{}", "--no-square",
+            "--base_size", "64", "--crop_size", "64", "--save_logits", str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+  assert predict.main(["--checkpoint", str(model_dir), "--out", str(tmp_path / "ckpt"), *common]) == 0
+  assert predict.main(["--exported", str(path), "--out", str(tmp_path / "exp"), *common]) == 0
+  capsys.readouterr()
+  for name in ("a.png", "b.png"):
+    ids = {kind: np.load(tmp_path / kind / f"{name}_ids.npy") for kind in ("ckpt", "exp")}
+    logits = {kind: np.load(tmp_path / kind / f"{name}_logits.npy") for kind in ("ckpt", "exp")}
+    np.testing.assert_allclose(logits["exp"], logits["ckpt"], rtol=1e-5, atol=1e-5 * np.abs(logits["ckpt"]).max())
+    np.testing.assert_array_equal(ids["exp"], ids["ckpt"])
