@@ -78,11 +78,12 @@ def test_fewshot_config_trains_on_episodes(tmp_path, pascal_fold, monkeypatch, c
   assert set(result["IoU"]) == {"aeroplane", "bicycle", "bird", "boat", "bottle"}  # fold 0's test classes
 
 
-def test_fewshot_lr_sweep_command_is_checked():
+@pytest.mark.parametrize("args", [[], ["configs/fewshot_lsegzs.py", "/tmp/sweep"],
+                                  ["configs/fewshot_lsegzs.py", "/tmp/sweep", " "]], ids=["none", "no_lrs", "blank_lrs"])
+def test_fewshot_lr_sweep_command_is_checked(args):
   """tools/lr_sweep.sh, the documented sweep: a wrong call is one error line and exit code 2."""
-  for args in ([], ["configs/fewshot_lsegzs.py", "/tmp/sweep"], ["configs/fewshot_lsegzs.py", "/tmp/sweep", " "]):
-    proc = subprocess.run(["bash", str(ROOT / "tools" / "lr_sweep.sh"), *args], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+  proc = subprocess.run(["bash", str(ROOT / "tools" / "lr_sweep.sh"), *args], capture_output=True, text=True)
+  assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 
 
 def test_config_arguments_are_checked():
