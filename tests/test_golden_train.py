@@ -14,7 +14,6 @@ and hyper-parameters are read from its JSON.
 """
 
 import json
-import os
 from pathlib import Path
 
 import flax
@@ -23,13 +22,13 @@ import numpy as np
 import optax
 import pytest
 
-from golden_utils import GOLDEN_DIR, regenerate_state_dict
+from golden_utils import GOLDEN_DIR, check_fixtures_present, fixtures, regenerate_state_dict
 from lseg_jax import config_lib, convert, optim, sharding, tokenizer, training
 from lseg_jax.convert import rules as rules_lib
 from lseg_jax.models import build_model
 
 TRAIN_DIR = GOLDEN_DIR / "train"
-FIXTURES = sorted(TRAIN_DIR.glob("train_*.json")) if TRAIN_DIR.is_dir() else []
+FIXTURES = fixtures(TRAIN_DIR, "train_*.json")
 GROUPS = {"backbone": "pretrained", "reassemble": "pretrained", "fusion": "scratch", "head": "scratch"}
 STEPS_PER_EPOCH = 1000  # > the fixture's steps: the per-epoch poly factor stays 1, as in the fixture
 
@@ -195,10 +194,7 @@ def trained(request):
 
 def test_golden_train_fixtures_are_present():
   """Fails (not skips) when LSEG_GOLDEN_DIR is set and its train/ holds no fixture."""
-  if not FIXTURES and "LSEG_GOLDEN_DIR" in os.environ:
-    pytest.fail(f"LSEG_GOLDEN_DIR is set but {TRAIN_DIR} holds no train_*.json fixture")
-  if not FIXTURES:
-    pytest.skip(f"no golden training fixtures in {TRAIN_DIR}; set LSEG_GOLDEN_DIR to the folder that holds train/")
+  check_fixtures_present(FIXTURES, TRAIN_DIR, "train_*.json")
 
 
 @pytest.mark.skipif(not FIXTURES, reason=f"no golden training fixtures in {TRAIN_DIR} (set LSEG_GOLDEN_DIR)")
