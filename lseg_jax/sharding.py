@@ -15,10 +15,14 @@ Activations are named the same way (`batch`, `length`, `embed`, `mlp`; see
 so the FSDP and tensor layouts of the step are declared rather than left to
 GSPMD's propagation. A name without a rule, or whose mesh axes an earlier
 name of the same array took (`embed` after `batch` under FSDP), replicates.
+Parameters are pinned there too, where the layers use them (`param_at_use`).
+Every jitted function that runs the model traces inside the layout
+(`laid_out`): the training step, the evaluation steps.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -26,6 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+Layout = tuple[Mesh, Rules]  # what activation_layout takes
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -59,6 +64,11 @@ def _axis_names(axes) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
+def _entry(names: tuple[str, ...]):
+  """A PartitionSpec entry of mesh axis names: None, one name, or the tuple."""
+  return names[0] if len(names) == 1 else (names or None)
+
+
 def _axis_size(mesh: Mesh, axes) -> int:
   """How many ways a PartitionSpec entry splits its dimension."""
   return int(np.prod([mesh.shape[a] for a in _axis_names(axes)]))
@@ -76,9 +86,7 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 def mesh_rules(mesh: Mesh, rules: Rules) -> Rules:
   """`rules` restricted to the axes `mesh` has: one rule table serves meshes
   with or without, say, a `tensor` axis."""
-  def keep(axes):
-    names = tuple(a for a in _axis_names(axes) if a in mesh.axis_names)
-    return names[0] if len(names) == 1 else (names or None)
+  keep = lambda axes: _entry(tuple(a for a in _axis_names(axes) if a in mesh.axis_names))
   return tuple((logical, keep(axes)) for logical, axes in rules)
 
 
@@ -110,9 +118,48 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activation_layout(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Within it (while a function is traced), `nn.with_logical_constraint`
-  pins activations to `mesh` by `rules`; outside it the constraints are no-ops."""
+  pins activations and `param_at_use` parameters to `mesh` by `rules`;
+  outside it both are no-ops."""
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_rules(mesh, rules)):
     yield
+
+
+def laid_out(fn: Callable, layout: Layout | None) -> Callable:
+  """`fn` traced inside `activation_layout(*layout)`; `fn` itself for None.
+  What every jitted function that runs the model on a mesh wraps itself in."""
+  if layout is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced_in_layout(*args, **kwargs):
+    with activation_layout(*layout):
+      return fn(*args, **kwargs)
+
+  return traced_in_layout
+
+
+def param_at_use(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Parameter `x` (logical axis names `names`) as the layer that reads it
+  uses it: inside `activation_layout`, constrained to its rule-table layout
+  minus the mesh axes the batch is split over; outside it, `x` unchanged.
+
+  That is FSDP's semantics spelt out: a kernel sharded over the batch's axes
+  (`fsdp`) is all-gathered before its matmul and its gradient reduce-scattered
+  after, while the axes the batch does not use (`tensor`) stay split. Left
+  implicit, XLA's SPMD partitioner (jax 0.10.2, Shardy) chooses for itself,
+  and on a data x fsdp x tensor mesh it chose wrong: the backward of
+  conv(conv(x)) permuted batch shards and never permuted them back, so 104 of
+  the tiny model's 130 gradients were off by up to 99% with a correct loss
+  (tests/test_xla_partitioner_canary.py holds the repro; tests/test_mesh_table.py
+  the one-device equality this constraint restores on every mesh)."""
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  batch = set(_axis_names(next((axes for name, axes in rules if name == "batch"), None)))
+  spec = P(*(_entry(tuple(a for a in _axis_names(axes) if a not in batch))
+             for axes in nn.logical_to_mesh_axes(names, rules)))
+  return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
 
 
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")

@@ -31,20 +31,16 @@ class CLIPTextEncoder(nn.Module):
     batch_shape, length = token_ids.shape[:-1], token_ids.shape[-1]
     ids = token_ids.reshape(-1, length)  # [N, L]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    embed = nn.Embed(self.vocab_size, self.width, name="token_embedding",
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-                     **kw)
-    pos = self.param("positional_embedding",
-                     nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
-                     (self.context_length, self.width), self.param_dtype)
-    x = embed(ids) + pos[:length].astype(self.dtype)  # [N, L, width]
+    embed = layers.Embed(self.vocab_size, self.width, nn.initializers.normal(0.02), name="token_embedding", **kw)
+    pos = layers.partitioned_param(self, "positional_embedding", nn.initializers.normal(0.01), (None, "embed"),
+                                   (self.context_length, self.width), self.param_dtype, self.dtype)
+    x = embed(ids) + pos[:length]  # [N, L, width]
     for i in range(self.depth):
       x = Block(self.num_heads, 4 * self.width, layers.quick_gelu, 1e-5, causal=True,
                 name=f"resblocks_{i}", **kw)(x)
     x = nn.LayerNorm(epsilon=1e-5, name="ln_final", **kw)(x)
     x = x[jnp.arange(x.shape[0]), jnp.argmax(ids, axis=-1)]  # [N, width] at the EOT token
-    proj = self.param("text_projection",
-                      nn.with_logical_partitioning(nn.initializers.normal(self.width ** -0.5), ("embed", None)),
-                      (self.width, self.embed_dim), self.param_dtype)
-    x = x @ proj.astype(x.dtype)  # [N, embed_dim]
+    proj = layers.partitioned_param(self, "text_projection", nn.initializers.normal(self.width ** -0.5),
+                                    ("embed", None), (self.width, self.embed_dim), self.param_dtype, x.dtype)
+    x = x @ proj  # [N, embed_dim]
     return x.reshape(*batch_shape, self.embed_dim)

@@ -23,6 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax import sharding
+
+CONV_AXES = (None, None, "conv_in", "conv_out")  # logical axes of a [k, k, C_in, C_out] kernel
+
 
 def interpolation_taps(n_in: int, n_out: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """1-D linear interpolation, PyTorch conventions: output i = (1 - frac[i]) *
@@ -150,6 +154,16 @@ def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
+def partitioned_param(module: nn.Module, name: str, init: nn.initializers.Initializer,
+                      axes: tuple[str | None, ...], shape: Sequence[int], param_dtype, dtype) -> jax.Array:
+  """Parameter `name` of `module`, laid out by the rule table under the
+  logical axis names `axes`, as its layer uses it: cast to `dtype` (the
+  compute dtype), then pinned by `sharding.param_at_use` (FSDP's all-gather,
+  made explicit inside the activation layout; a no-op outside it)."""
+  value = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
+  return sharding.param_at_use(value.astype(dtype), axes)
+
+
 class Conv(nn.Module):
   """A PyTorch Conv2d on NHWC: explicit symmetric padding (never 'SAME', which
   pads (0, 1) for a stride-2 conv on an even input where PyTorch pads (1, 1)),
@@ -173,9 +187,9 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k, c_in = self.kernel_size, x.shape[-1]
     init = torch_uniform(k * k * c_in)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
-                        (k, k, c_in, self.features), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    kernel = partitioned_param(self, "kernel", init, CONV_AXES, (k, k, c_in, self.features), self.param_dtype,
+                               self.dtype)
+    x = x.astype(self.dtype)
     p = self.padding
     if k == self.stride and p == 0:  # 1x1 convs and patch embeddings: a matmul per k x k patch
       b, h, w, _ = x.shape
@@ -201,13 +215,28 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     init = torch_uniform(x.shape[-1])
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = jnp.einsum("...i,io->...o", x, kernel)
+    kernel = partitioned_param(self, "kernel", init, self.axes, (x.shape[-1], self.features), self.param_dtype,
+                               self.dtype)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
     if self.use_bias:
       y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(y.dtype)
     return y
+
+
+class Embed(nn.Module):
+  """A lookup table [num_embeddings, features] (`nn.Embed`'s parameter name
+  `embedding`), logical axes ("vocab", "embed")."""
+  num_embeddings: int
+  features: int
+  embedding_init: nn.initializers.Initializer
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    table = partitioned_param(self, "embedding", self.embedding_init, ("vocab", "embed"),
+                              (self.num_embeddings, self.features), self.param_dtype, self.dtype)
+    return jnp.take(table, ids, axis=0)  # [..., features]
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, use_bias: bool = True,
@@ -287,9 +316,8 @@ class PatchUpsample(nn.Module):
     # PyTorch's ConvTranspose2d default init counts fan_in over its weight's
     # dim 1, which is C_out: U(+-1/sqrt(C_out * s * s)) for kernel and bias.
     init = torch_uniform(self.features * s * s)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
-                        (s, s, c, self.features), self.param_dtype)
-    bias = self.param("bias", init, (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    kernel = partitioned_param(self, "kernel", init, CONV_AXES, (s, s, c, self.features), self.param_dtype, self.dtype)
+    bias = self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
+    x = x.astype(self.dtype)
     y = jnp.einsum("bhwc,pqco->bhpwqo", x, kernel)  # [B, H, s, W, s, C_out]
     return y.reshape(b, h * s, w * s, self.features) + bias

@@ -62,10 +62,12 @@ class ViT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.conv(self.width, p, stride=p, name="patch_embed", **kw)(images)  # [B, gh, gw, C]
     x = x.reshape(b, grid[0] * grid[1], self.width)  # [B, gh*gw, C], row-major as torch
-    init = nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, None, "embed"))
-    cls = self.param("cls_token", init, (1, 1, self.width), self.param_dtype)
-    pos = self.param("pos_embed", init, (1, 1 + self.pretrain_grid ** 2, self.width), self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
+    embedding = lambda name, n, dtype: layers.partitioned_param(
+        self, name, nn.initializers.truncated_normal(0.02), (None, None, "embed"), (1, n, self.width),
+        self.param_dtype, dtype)
+    cls = embedding("cls_token", 1, x.dtype)
+    pos = embedding("pos_embed", 1 + self.pretrain_grid ** 2, self.param_dtype)  # resized in param_dtype
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
     x = x + resize_pos_embed(pos, grid).astype(x.dtype)  # [B, 1 + gh*gw, C]
 
     policy = REMAT_POLICIES[self.remat_policy]
