@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lseg_jax import losses, metrics
+from lseg_jax import losses, metrics, sharding
 
 
 def padded_batches(batches: Iterable[dict], num_batches: int, batch_size: int) -> Iterator[dict]:
@@ -45,8 +45,9 @@ def confusion(logits: jax.Array, mask: jax.Array, label_ids: jax.Array, label_ma
   return metrics.confusion_matrix(to_class(pred), target, num_classes)
 
 
-def make_eval_step(model, num_classes: int) -> Callable:
-  """(variables, batch, text_table) -> (confusion [C, C], loss sums)."""
+def make_eval_step(model, num_classes: int, activations: sharding.Layout | None = None) -> Callable:
+  """(variables, batch, text_table) -> (confusion [C, C], loss sums);
+  `activations` = (mesh, rules) as `training.make_train_step`'s."""
 
   def eval_step(variables, batch, text_table):
     text = text_table[batch["label_ids"]]  # [B, N, D]
@@ -54,13 +55,14 @@ def make_eval_step(model, num_classes: int) -> Callable:
     _, sums = losses.pixel_cross_entropy(logits, batch["mask"], batch["label_mask"])
     return confusion(logits, batch["mask"], batch["label_ids"], batch["label_mask"], num_classes), sums
 
-  return eval_step
+  return sharding.laid_out(eval_step, activations)
 
 
-def make_fewshot_step(model, num_classes: int) -> Callable:
+def make_fewshot_step(model, num_classes: int, activations: sharding.Layout | None = None) -> Callable:
   """(variables, batch, text_table) -> (intersection, union) [C, 2] int32 of
   (others, class) per episode class, summed over the batch (HSNet's areas,
-  `metrics.fewshot_areas`; ignored and padding pixels count nowhere)."""
+  `metrics.fewshot_areas`; ignored and padding pixels count nowhere);
+  `activations` = (mesh, rules) as `training.make_train_step`'s."""
 
   def fewshot_step(variables, batch, text_table):
     logits = model.apply(variables, batch["image"], text_table[batch["label_ids"]], batch["label_mask"])
@@ -72,7 +74,7 @@ def make_fewshot_step(model, num_classes: int) -> Callable:
     episode_class = jax.nn.one_hot(batch["label_ids"][:, 1] - 1, num_classes, dtype=jnp.int32)  # [B, C]
     return episode_class.T @ inter, episode_class.T @ union
 
-  return fewshot_step
+  return sharding.laid_out(fewshot_step, activations)
 
 
 def evaluate(eval_step: Callable, variables, text_table, batches: Iterable[dict], num_examples: int,

@@ -23,8 +23,6 @@ The label embeddings of the frozen text tower come in as `text_table`
 
 from collections.abc import Callable
 
-import contextlib
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -120,22 +118,22 @@ def module_norms(tree: dict) -> dict[str, jax.Array]:
 
 def make_train_step(model, tx: optax.GradientTransformation, sched: optax.Schedule, *, accum: int = 1,
                     reduction: str = "pixels", replicas: int = 1, accum_impl: str = "auto",
-                    activations: tuple[Mesh, sharding.Rules] | None = None) -> Callable[[State, dict, jax.Array],
-                                                                                        tuple[State, dict]]:
+                    activations: sharding.Layout | None = None) -> Callable[[State, dict, jax.Array],
+                                                                            tuple[State, dict]]:
   """(state, batch, text_table) -> (state, measurements): one optimiser step
   (see the module docstring). Measurements: loss, pixel_acc, lr (the 1x
   group's), grad_norm (raw gradients, before weight decay), one
   grad_norm/<module> per top-level module, param_norm, update_norm.
 
   `activations` = (mesh, rules) traces the step inside
-  `sharding.activation_layout`, so the model's logical activation names pin
-  their sharding; None leaves the activation layout to GSPMD."""
+  `sharding.activation_layout` (`sharding.laid_out`): the model's logical
+  activation names and its parameters at their use pin their sharding, which
+  a multi-device mesh needs (see `sharding.param_at_use`); None leaves the
+  layout to XLA (one device)."""
   grad_fn = make_grad_fn(model, accum=accum, reduction=reduction, replicas=replicas, accum_impl=accum_impl)
-  layout = (lambda: sharding.activation_layout(*activations)) if activations else contextlib.nullcontext
 
   def train_step(state: State, batch: dict, text_table: jax.Array) -> tuple[State, dict]:
-    with layout():
-      grads, batch_stats, sums = grad_fn(state["params"], state["batch_stats"], batch, text_table)
+    grads, batch_stats, sums = grad_fn(state["params"], state["batch_stats"], batch, text_table)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new_state = {"params": optax.apply_updates(state["params"], updates), "batch_stats": batch_stats,
                  "opt": opt, "step": state["step"] + 1}
@@ -145,7 +143,7 @@ def make_train_step(model, tx: optax.GradientTransformation, sched: optax.Schedu
     measurements |= {f"grad_norm/{k}": v for k, v in module_norms(grads).items()}
     return new_state, measurements
 
-  return train_step
+  return sharding.laid_out(train_step, activations)
 
 
 def momentum_buffers(opt_state) -> dict:
