@@ -293,11 +293,16 @@ def _process_max(values: Sequence[int]) -> np.ndarray:
 
 class MultiScaleSegmenter:
   """Multi-scale, flipped, sliding-window inference with every [H, W, N]
-  tensor on the devices of `mesh` (a 1-D mesh with axis "data").
+  tensor on the devices of `mesh` (any mesh: its axes together split the
+  images, device d being the d-th of `mesh.devices.flat`).
 
   Each call takes one group of `slots` images of this process (None = an
   empty slot, so that every process runs the same steps): device d of the
   process owns slots [d * images_per_device, (d + 1) * images_per_device).
+  The network runs under `shard_map`, each device on its own windows with
+  the parameters replicated: XLA partitions nothing of the model here, so
+  there is no layout to declare (`sharding.activation_layout` is for the
+  jitted steps that split one batch over the mesh).
   `forward(params, windows, text, label_mask)` is the network (`model_forward`
   or an exported artifact's); `pad_value` the normalised black.
   """
@@ -308,12 +313,13 @@ class MultiScaleSegmenter:
     self.windows_per_device, self.images_per_device = windows_per_device, images_per_device
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     self.slots = len(self.local_devices) * images_per_device
-    self._data = NamedSharding(mesh, P("data"))
+    split = P(mesh.axis_names)  # the leading axis over every device
+    self._data = NamedSharding(mesh, split)
     self.params = replicate(params, mesh)
     shard = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
     step = functools.partial(_window_step, forward, np.asarray(pad_value, np.float32))
-    self.step = jax.jit(shard(step, in_specs=(P(), *(P("data"),) * 5), out_specs=P("data")), donate_argnums=1)
-    self.positions = jax.jit(shard(_positions, in_specs=(P("data"), P("data")), out_specs=P("data")))
+    self.step = jax.jit(shard(step, in_specs=(P(), *(split,) * 5), out_specs=split), donate_argnums=1)
+    self.positions = jax.jit(shard(_positions, in_specs=(split, split), out_specs=split))
     self._zeros = jax.jit(jnp.zeros, static_argnums=0, out_shardings=self._data)
 
   def _global(self, local: np.ndarray) -> jax.Array:
@@ -327,7 +333,7 @@ class MultiScaleSegmenter:
   def logit_sums(self, images: Sequence[np.ndarray | None], text: np.ndarray, label_mask: np.ndarray
                  ) -> tuple[jax.Array, tuple[int, int]]:
     """Summed multi-scale logits of one group, on the devices: ([G, H, W, N]
-    sharded over "data", padded (H, W)). images: `slots` normalised [h, w, 3]
+    split over the mesh's devices, padded (H, W)). images: `slots` normalised [h, w, 3]
     or None; text [slots, N, D]; label_mask [slots, N]."""
     if len(images) != self.slots:
       raise ValueError(f"a group holds {self.slots} images (None for an empty slot), got {len(images)}")
