@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import functools
 import json
-import logging
 import os
 from pathlib import Path
 import signal
@@ -34,7 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lseg_jax import checkpoint, config_lib, data, distributed, evaluate, flops as flops_lib, labels as labels_lib
+from lseg_jax import checkpoint, cli, config_lib, data, distributed, evaluate, flops as flops_lib, labels as labels_lib
 from lseg_jax import optim, preemption, pretrained, profiling, sharding, training, workdir as workdir_lib
 from lseg_jax.models import LSeg, build_model, init_inputs
 
@@ -81,7 +80,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  quiet_libraries()
+  cli.quiet_libraries()
   workdir = Path(_WORKDIR.value or workdir_lib.default_workdir(config_lib.config_spec(sys.argv, DEFAULT_CONFIG)))
   try:
     try:  # before any work, and without creating anything
@@ -100,19 +99,6 @@ def main(argv):
     os._exit(EXIT_FAULT)
   except preemption.Stopped as e:
     sys.exit(preemption.EXIT_SIGNAL[e.signum])
-
-
-def quiet_libraries() -> None:
-  """Only errors from orbax/absl/TFDS/transformers: their INFO lines (hundreds
-  per run) and warnings about absent optional packages (OpenCV, PyTorch) bury
-  the progress lines."""
-  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's failed futures: check_saves reports them
-  # orbax logs a failed background save's traceback; check_saves reports it in one line.
-  logging.getLogger("absl").addFilter(lambda record: "/orbax/" not in record.pathname)
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def status(message: str) -> None:
@@ -225,7 +211,7 @@ def _train_and_evaluate(config, workdir: Path, allow_config_change: bool, stop: 
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
 
   def save(step: int, state) -> None:
-    check_saves()
+    check_saves(wait=True)  # the previous save's fault names that save (orbax would raise it from this one)
     saved["pending"] = step
     with save_faults():
       # A full disk is refused before orbax starts writing: a save failing
@@ -266,6 +252,9 @@ def _train_and_evaluate(config, workdir: Path, allow_config_change: bool, stop: 
                         writer, first_step, lambda st, step: run_eval(config, model, st, text_table, eval_step,
                                                                       to_global, writer, step, label_names, stop),
                         manager, profiler)
+  except NonFiniteLoss:
+    check_saves(wait=True)  # the checkpoints before the bad step are finalised before the exit
+    raise
   except OSError as e:  # a full disk or a lost mount while writing metrics
     last = checkpoint.latest_step(workdir)
     raise RunFault(f"{type(e).__name__}: {e}; the last good checkpoint is "
@@ -298,9 +287,16 @@ def train_loop(config, state, train_iter, train_step, text_table, to_global, sav
   compiled, step_flops = None, None
   last_t, last_step = time.time(), first_step
 
+  def save_checked(step: int) -> None:
+    """Saves step's state once its loss is known finite: no checkpoint
+    holds the state after a non-finite step."""
+    if pending is not None:
+      check_finite(*pending)
+    save(step, state)
+
   def stop_at(step: int, signum: int) -> preemption.Stopped:
     if step != first_step and manager.latest_step() != step:  # at first_step nothing is new
-      save(step, state)
+      save_checked(step)
     check_saves(wait=True)
     status(f"received signal {signum}: saved step {step}, exiting (status {preemption.EXIT_SIGNAL[signum]})")
     return preemption.Stopped(signum)
@@ -329,7 +325,7 @@ def train_loop(config, state, train_iter, train_step, text_table, to_global, sav
       log_step(config, step, jax.device_get(measurements), last_t, last_step, step_flops, writer)
       last_t, last_step = time.time(), step
     if config.ckpt_every and step % config.ckpt_every == 0:
-      save(step, state)
+      save_checked(step)
     if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
       t = time.time()
       try:
@@ -340,7 +336,7 @@ def train_loop(config, state, train_iter, train_step, text_table, to_global, sav
     if (signum := stop.agreed(step)) is not None:
       raise stop_at(step, signum)
   if manager.latest_step() != config.total_steps:
-    save(config.total_steps, state)
+    save_checked(config.total_steps)
   check_saves(wait=True)
   try:
     return evaluate_fn(state, config.total_steps)

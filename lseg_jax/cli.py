@@ -1,0 +1,22 @@
+"""What every command line (train.py, eval.py, predict, embed, query)
+does before its work."""
+
+import logging
+import os
+
+
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+  return "/orbax/" not in record.pathname
+
+
+def quiet_libraries() -> None:
+  """Only errors from orbax/absl/TFDS/transformers: their INFO lines (hundreds
+  per run) and warnings about absent optional packages (OpenCV, PyTorch) bury
+  the progress lines."""
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's failed futures: train.py reports them
+  # orbax logs a failed background save's traceback; train.py reports it in one line.
+  logging.getLogger("absl").addFilter(_not_from_orbax)  # once, however often called
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.ERROR)
