@@ -533,6 +533,9 @@ def bad_convert_input(case: str, tmp: Path, sd: dict) -> tuple[list[str], str, F
   elif case == "nan_weight":
     src = tmp / "nan.npz"
     np.savez(src, **{**sd, "scratch.head1.weight": np.full_like(sd["scratch.head1.weight"], np.nan)})
+  elif case == "integer_weight":
+    src = tmp / "int8.npz"
+    np.savez(src, **{**sd, "scratch.head1.weight": np.ones_like(sd["scratch.head1.weight"], np.int8)})
   elif case in ("torch_pickled_objects", "torch_truncated"):
     src = tmp / "lseg.ckpt"
     src.write_bytes(b"PK\x03\x04 not really")
@@ -563,6 +566,7 @@ def bad_convert_input(case: str, tmp: Path, sd: dict) -> tuple[list[str], str, F
       "garbage_safetensors": f"cannot read {src} as safetensors (SafetensorError",
       "unknown_format": f"{src}: unknown checkpoint format",
       "nan_weight": "key 'scratch.head1.weight' holds 512 NaN/Inf values of 512",
+      "integer_weight": "key 'scratch.head1.weight' holds int8 values where LSeg has a float parameter",
       "torch_pickled_objects": f"{src} holds more than tensors (UnpicklingError: Weights only load failed.); "
                                "if you trust the file, pass --allow_pickle",
       "torch_truncated": f"cannot read {src} as a PyTorch checkpoint (RuntimeError: PytorchStreamReader",
@@ -577,8 +581,8 @@ def bad_convert_input(case: str, tmp: Path, sd: dict) -> tuple[list[str], str, F
 
 @pytest.mark.parametrize("case", [
     "missing_src", "truncated_npz", "garbage_npz", "npy_named_npz", "empty_npz", "object_array_npz",
-    "truncated_safetensors", "garbage_safetensors", "unknown_format", "nan_weight", "torch_pickled_objects",
-    "torch_truncated", "dst_is_a_file", "dst_under_a_file", "dst_exists", "overwrite_a_foreign_directory",
+    "truncated_safetensors", "garbage_safetensors", "unknown_format", "nan_weight", "integer_weight",
+    "torch_pickled_objects", "torch_truncated", "dst_is_a_file", "dst_under_a_file", "dst_exists", "overwrite_a_foreign_directory",
     "bad_arch_option"])
 def test_cli_bad_input_is_one_line_and_exit_2(case, tiny_vit, tmp_path, monkeypatch, capsys):
   _, _, sd = tiny_vit

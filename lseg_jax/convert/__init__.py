@@ -64,7 +64,10 @@ def convert(state_dict: StateDict, rules: Iterable[R.Rule], expected: Mapping,
           f"unexpected key {key!r}: the model config has no parameter {path} "
           "(another backbone, arch_option or hook set?)")
     value = np.asarray(value)
-    if _is_float(value) and not np.isfinite(value).all():
+    if not _is_float(value):  # casting would turn a quantised or damaged tensor into wrong weights without a word
+      raise ConversionError(f"key {key!r} holds {value.dtype} values where LSeg has a float parameter: a quantised "
+                            "or damaged checkpoint? (convert the float checkpoint)")
+    if not np.isfinite(value).all():
       bad = int(value.size - np.isfinite(value).sum())
       raise ConversionError(f"key {key!r} holds {bad} NaN/Inf values of {value.size}: a damaged checkpoint?")
     array = rule.transform(value)
