@@ -1,11 +1,18 @@
 """Test-wide settings and fixtures.
 
 JAX gets 8 virtual CPU devices for the sharding tests, set before any test
-touches a backend (the option only acts then).
+touches a backend (the option only acts then), and XLA:CPU compiles with its
+backend optimisations off (helpers.FAST_XLA_FLAGS).
 """
 
-import jax
-import pytest
+import os
+
+# Before jax is imported (its flags read the environment then), and inherited
+# by every subprocess: helpers.FAST_XLA_FLAGS says why.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:
   jax.config.update("jax_num_cpu_devices", 8)

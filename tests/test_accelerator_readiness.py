@@ -4,8 +4,6 @@ activation layout, the selectable attention core, compile-only memory, and
 `benchmarks/accelerator.sh --smoke` end to end (tiny model, CPU backend)."""
 
 import json
-import os
-from pathlib import Path
 import subprocess
 
 import flax
@@ -15,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import ROOT, cpu_env
 from lseg_jax import config_lib, optim, sharding, training
 from lseg_jax.models import LSeg, build_model, get_model_config, init_inputs
 from lseg_jax.models.transformer import Block
 
-ROOT = Path(__file__).resolve().parents[1]
 LABELS = 5
 
 
@@ -142,7 +140,7 @@ def test_compiled_memory_sums_its_fields():
 
 def test_accelerator_script_smoke_prints_sane_json_lines():
   """benchmarks/accelerator.sh --smoke: the tiny model on the CPU backend."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu_env(1, compile_cache=False)
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "accelerator.sh"), "--smoke"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -8,7 +8,6 @@ fake PASCAL-5i tree (tests/test_real_builders.py).
 """
 
 import json
-import os
 from pathlib import Path
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from lseg_jax import checkpoint
-from helpers import COMPILE_CACHE, DEMO, demo, eval_cli, load_module, random_variables
+from helpers import DEMO, cpu_env, demo, eval_cli, load_module, random_variables
 from helpers import pascal_fold  # noqa: F401  (a session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +87,7 @@ def run_two_processes(args: list[str]) -> list[subprocess.CompletedProcess]:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-         "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = cpu_env(4)
   procs = [subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *args, f"--coordinator_address=localhost:{port}",
                              "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from lseg_jax import config_lib, distributed, profiling, workdir as workdir_lib
-from helpers import ROOT, demo, eval_cli, losses_by_step, train
+from helpers import ROOT, cpu_env, demo, eval_cli, losses_by_step, train
 
 
 # Every variable a JAX cluster environment is detected by (jax._src.clusters).
@@ -128,8 +128,8 @@ def test_two_processes_join_from_a_simulated_slurm_step():
   """What `srun --ntasks=2` gives each task, and no flags: both processes join
   one run of 2 x 2 CPU devices and exchange their ids through a collective."""
   env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
-  env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-          "JAX_COORDINATOR_PORT": str(free_port())}  # JAX's port from the job id might be taken here
+  env |= {k: v for k, v in cpu_env(2, compile_cache=False).items() if k in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env |= {"JAX_COORDINATOR_PORT": str(free_port())}  # JAX's port from the job id might be taken here
   procs = [subprocess.Popen([sys.executable, "-c", JOIN_SCRIPT], cwd=ROOT, env=env | slurm_env(2, i),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=240)[0] for p in procs]

@@ -7,7 +7,6 @@ The user's mistakes end in one `error:` line and exit status 2.
 """
 
 import json
-import os
 from pathlib import Path
 import re
 import shutil
@@ -18,15 +17,14 @@ import time
 
 import pytest
 
-from helpers import COMPILE_CACHE, ROOT, flag_args, restorable_steps, run_script, tiny_config
+from helpers import ROOT, cpu_env, flag_args, restorable_steps, run_script, tiny_config
 from lseg_jax import checkpoint, config_lib, workdir as workdir_lib
 
 
 def run(args: list[str], timeout: int = 600) -> tuple[int, str, str]:
   """train.py in a subprocess (one device, the tests' compilation cache):
   (exit status, stdout, stderr)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = cpu_env(1)
   proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout, env=env)
   return proc.returncode, proc.stdout, proc.stderr

@@ -35,13 +35,17 @@ def background_everywhere_scores(shapes_config) -> dict:
 
 
 def test_loss_falls_and_the_run_leaves_a_checkpoint(shapes_config, tmp_path):
-  config = tiny_config(shapes_config, total_steps=30, log_every=5, ckpt_every=0, lr=3e-3)
+  """60 steps at the demo's learning rate, after a 5-step warmup (the demo's
+  50-step warmup would leave 30 steps below 5e-4: measured, val mIoU 0.107
+  against 0.104 for background everywhere)."""
+  config = tiny_config(shapes_config, total_steps=60, log_every=5, ckpt_every=0, lr=1e-2)
+  config.schedule.warmup_steps = 5
   scores = train.train_and_evaluate(config, tmp_path)
   logged = losses_by_step(tmp_path)
-  assert logged[30]["loss"] < 0.7 * logged[5]["loss"], {s: m["loss"] for s, m in logged.items()}
+  assert logged[60]["loss"] < 0.7 * logged[5]["loss"], {s: m["loss"] for s, m in logged.items()}
   baseline = background_everywhere_scores(shapes_config)
   assert scores["mIoU"] > baseline["mIoU"] + 0.05, (scores, baseline)
-  assert (tmp_path / "checkpoints" / "30").is_dir()
+  assert (tmp_path / "checkpoints" / "60").is_dir()
   assert json.loads((tmp_path / "model_config.json").read_text())["backbone"] == "tiny"
   assert list((tmp_path / "tb").iterdir())  # TensorBoard events
 

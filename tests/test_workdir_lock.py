@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helpers import ROOT, flag_args, run_script
+from helpers import ROOT, cpu_env, flag_args, run_script
 from lseg_jax import checkpoint, predict, workdir as workdir_lib
 
 DEAD_PID = 2 ** 22 + 12345  # above Linux's pid_max default (4194304): never a live process
@@ -72,7 +72,7 @@ def test_the_holder_keeps_its_lock_fresh(tmp_path, monkeypatch):
 
 
 def run_eval(workdir: Path) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu_env(1, compile_cache=False)
   return subprocess.run([sys.executable, str(ROOT / "eval.py"), "--workdir", str(workdir), "--out",
                          str(workdir.parent / "scores.json")], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)

@@ -2,11 +2,11 @@
 in jax alone: on data2 x fsdp2 x tensor2, with the batch over (data, fsdp)
 and the kernels over (fsdp, tensor), the gradient of
 relu(BatchNorm(conv(conv(x, w1), w2))) comes back with batch shards 1 and 2
-swapped (jax/jaxlib 0.10.2, Shardy and GSPMD alike). Strict xfail: it fails
-the day XLA is fixed; the workaround may then go."""
+swapped (jax/jaxlib 0.10.2 with Shardy, jax's default partitioner; this
+small form computes right under GSPMD). Strict xfail: it fails the day XLA is
+fixed; the workaround may then go."""
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
