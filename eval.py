@@ -50,10 +50,10 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lseg_jax import checkpoint, config_lib, data, distributed, evaluate, export, inference, labels as labels_lib
+from lseg_jax import checkpoint, cli, config_lib, data, distributed, evaluate, inference
 from lseg_jax import losses, metrics, sharding, workdir as workdir_lib
 from lseg_jax.data import fewshot
-from lseg_jax.models import build_model
+from lseg_jax.segmenter import Segmenter
 
 
 def define_flags(argv: list[str]) -> flags.FlagValues:
@@ -319,20 +319,12 @@ def write_scores(out: Path, scores: dict) -> None:
 def load_network(model_path: Path, config, label_names) -> tuple:
   """(model, variables without the text tower, text table [C, D], training
   step or None) of a checkpoint, or of an exported artifact (whose
-  parameters are inside it)."""
-  templates = config.get("prompt_templates", ("{}",))
-  if model_path.is_file():
-    model = export.load(model_path)
-    if model.window != config.input.crop_size:
-      raise ValueError(f"--exported {model_path} runs {model.window} px windows, input.crop_size is "
-                       f"{config.input.crop_size}: export with --window {config.input.crop_size}")
-    return model, {}, labels_lib.encode_labels(model, None, label_names, templates), None
-  model_config, variables, step = checkpoint.load_model_step(model_path)
-  model = build_model(model_config)
-  text_table = labels_lib.encode_labels(model, variables["params"]["text_encoder"], label_names, templates)
-  variables = {"params": {k: v for k, v in variables["params"].items() if k != "text_encoder"},
-               "batch_stats": variables["batch_stats"]}
-  return model, variables, text_table, step
+  parameters are inside it), as `segmenter.Segmenter` loads them."""
+  seg = Segmenter.load(model_path)
+  if seg.window is not None and seg.window != config.input.crop_size:
+    raise ValueError(f"--exported {model_path} runs {seg.window} px windows, input.crop_size is "
+                     f"{config.input.crop_size}: export with --window {config.input.crop_size}")
+  return seg.model, seg.params, seg.encode_labels(label_names, config.get("prompt_templates", ("{}",))), seg.step
 
 
 def run(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -342,6 +334,10 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
   model_path, config, protocol, split, out = resolve_run(fv)
   label_names = data.label_names(config.input)
   model, variables, text_table, step = load_network(model_path, config, label_names)
+  if protocol == "multiscale" and Segmenter.peek(model_path)[0].get("eval_mode") == "resize" and \
+      jax.process_index() == 0:
+    print("note: this run saw whole images resized to a square, not the multi-scale protocol's sliding windows "
+          "on images at their own aspect: its scores will be lower than --protocol single's", file=sys.stderr)
   if jax.process_index() == 0:
     print(processes, flush=True)  # once every user mistake is ruled out: those leave stdout empty
   scores = PROTOCOLS[protocol](config, model, variables, text_table, split)
@@ -357,6 +353,7 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def main(argv: list[str]) -> int:
   """The command line: 0, or 2 with one `error:` line on stderr for a user's mistake."""
+  cli.quiet_libraries()
   fv = define_flags(argv)
   if HELP & set(argv[1:]):
     print(__doc__ + "\n" + fv.get_help())

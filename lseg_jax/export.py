@@ -9,9 +9,13 @@ parameters inside, so the file alone serves the model.
 The file is a zip of
   segment.bin      (images [b, S, S, 3] float32, normalised; text [b, N, D] float32;
                     label_mask [b, N] bool) -> logits [b, S, S, N] float32
+  pixel_features.bin  images [b, S, S, 3] -> head1's output [b, S/2, S/2, D] float32
+                    (`LSeg.pixel_features`; L2-normalised: the dense features)
   encode_text.bin  (token_ids [N, 77] int32, CLIP BPE) -> text embeddings [N, D] float32
-  meta.json        window S, size_multiple, normalisation mean/std, context_length,
-                   embed_dim, platforms, and the model config
+  meta.json        window S, size_multiple, normalisation mean/std, the run's input
+                   settings (`input`: eval_mode, base_size, crop_size, normalization,
+                   as lseg_jax.geometry reads them), context_length, embed_dim,
+                   platforms, and the model config
 b and N are symbolic: any batch and any number of labels, chosen at run
 time. S is fixed (--window, default the checkpoint run's crop size or 480):
 the ViT resizes its position embedding for the token grid while tracing, so
@@ -44,16 +48,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lseg_jax import checkpoint
+from lseg_jax import checkpoint, geometry
 from lseg_jax.data import transforms
 from lseg_jax.models import LSeg, build_model
+from lseg_jax.models.layers import upsample2x
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-FILES = ("segment.bin", "encode_text.bin", "meta.json")
+FILES = ("segment.bin", "pixel_features.bin", "encode_text.bin", "meta.json")
 
 
 def export_model(model: LSeg, variables: dict, window: int, platforms=PLATFORMS) -> dict[str, jax.export.Exported]:
-  """{'segment', 'encode_text'}: `model` with `variables` (text tower
+  """{'segment', 'pixel_features', 'encode_text'}: `model` with `variables` (text tower
   included) closed over, b and N symbolic (see the module docstring)."""
   params = {k: v for k, v in variables["params"].items() if k != "text_encoder"}
   image_vars = {"params": params, "batch_stats": variables.get("batch_stats", {})}
@@ -63,9 +68,11 @@ def export_model(model: LSeg, variables: dict, window: int, platforms=PLATFORMS)
   segment = jax.jit(lambda x, t, m: model.apply(image_vars, x, t, m))
   encode = jax.jit(lambda ids: model.apply(text_vars, ids, method=LSeg.encode_text))
   spec = jax.ShapeDtypeStruct
+  pixel_features = jax.jit(lambda x: model.apply(image_vars, x, method=LSeg.pixel_features))
   return {
       "segment": jax.export.export(segment, platforms=platforms)(
           spec((b, window, window, 3), jnp.float32), spec((b, n, dim), jnp.float32), spec((b, n), jnp.bool_)),
+      "pixel_features": jax.export.export(pixel_features, platforms=platforms)(spec((b, window, window, 3), jnp.float32)),
       "encode_text": jax.export.export(encode, platforms=platforms)(
           spec((n, model.text_encoder.context_length), jnp.int32)),
   }
@@ -88,18 +95,37 @@ class ExportedModel:
   `model.apply(variables, token_ids, method=LSeg.encode_text)` (variables are
   ignored: the parameters are inside)."""
   segment: jax.export.Exported
+  pixel_features: jax.export.Exported
   encode_text: jax.export.Exported
   meta: dict
 
   def apply(self, variables, x: jax.Array, text: jax.Array | None = None, label_mask: jax.Array | None = None,
             train: bool = False, method=None) -> jax.Array:
     del variables, train
+    if method is LSeg.pixel_features:  # images [b, S, S, 3] -> head1's output [b, S/2, S/2, D]
+      return self.pixel_features.call(x)
+    if method is LSeg.embed:
+      pixels = self.pixel_features.call(x)
+      return pixels / jnp.linalg.norm(pixels, axis=-1, keepdims=True)
+    if method is LSeg.score:  # unit pixel embeddings [b, h, w, D], text -> logits [b, 2h, 2w, N]
+      return self.score(x, text)
     if method is not None:  # token ids [..., 77] -> [..., D]
       ids = jnp.asarray(x, jnp.int32)
       return self.encode_text.call(ids.reshape(-1, ids.shape[-1])).reshape(*ids.shape[:-1], -1)
     text = jnp.broadcast_to(text, (x.shape[0], *text.shape[-2:]))  # [b, N, D]
     mask = jnp.ones(text.shape[:2], bool) if label_mask is None else jnp.broadcast_to(label_mask, text.shape[:2])
     return self.segment.call(x, text, mask)
+
+  def score(self, pixels: jax.Array, text: jax.Array) -> jax.Array:
+    """`LSeg.score` without model code, for a head with no spatial
+    regularisation blocks (their parameters are not in the artifact)."""
+    model = self.meta["model"]
+    if model.get("arch_option"):
+      raise ValueError(f"this artifact's head has spatial regularisation blocks (arch_option "
+                       f"{model['arch_option']}): score its features with the checkpoint")
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    spec = "bhwd,nd->bhwn" if text.ndim == 2 else "bhwd,bnd->bhwn"
+    return upsample2x(model["logit_scale"] * jnp.einsum(spec, pixels, text))
 
   @property
   def window(self) -> int:
@@ -120,15 +146,25 @@ def load(path: str | Path) -> ExportedModel:
       blobs = {name: z.read(name) for name in FILES}
   except (zipfile.BadZipFile, KeyError) as e:
     raise ValueError(f"--exported {path} is not an lseg_jax.export artifact ({e})") from None
-  return ExportedModel(jax.export.deserialize(bytearray(blobs["segment.bin"])),
-                       jax.export.deserialize(bytearray(blobs["encode_text.bin"])), json.loads(blobs["meta.json"]))
+  return ExportedModel(*(jax.export.deserialize(bytearray(blobs[f"{name}.bin"]))
+                         for name in ("segment", "pixel_features", "encode_text")), json.loads(blobs["meta.json"]))
 
 
-def artifact_meta(model_config: ml_collections.ConfigDict, normalization: str, window: int, platforms) -> dict:
+def artifact_meta(model_config: ml_collections.ConfigDict, recorded: dict, window: int, platforms) -> dict:
+  """meta.json: the window, normalisation and the run's input settings
+  (`geometry.RECORDED`, the crop size being the window), so that the
+  artifact sees an image as the checkpoint does."""
+  normalization = geometry.input_normalization(recorded, model_config)
   mean, std = transforms.normalization_stats(normalization)
   return {"window": window, "size_multiple": LSeg.size_multiple, "normalization": normalization, "mean": mean.tolist(),
-          "std": std.tolist(), "context_length": model_config.text.context_length,
-          "embed_dim": model_config.text.embed_dim, "platforms": list(platforms), "model": model_config.to_dict()}
+          "std": std.tolist(), "input": {**recorded, "crop_size": window, "normalization": normalization},
+          "context_length": model_config.text.context_length, "embed_dim": model_config.text.embed_dim,
+          "platforms": list(platforms), "model": model_config.to_dict()}
+
+
+def recorded_input(meta: dict) -> dict:
+  """The run's input settings an artifact records (`artifact_meta`)."""
+  return dict(meta["input"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,13 +175,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--window", type=int, help="window side S, a multiple of 32 (default: the run's crop size, else 480)")
   p.add_argument("--platforms", default=",".join(PLATFORMS), help="comma-separated: cpu,cuda,tpu")
   args = p.parse_args(argv)
-  from lseg_jax import predict  # the run's normalisation and window, as predict reads them
   try:
     platforms = tuple(s.strip() for s in args.platforms.split(","))
     if not platforms or set(platforms) - set(PLATFORMS):
       raise ValueError(f"--platforms {args.platforms!r}: choose from {', '.join(PLATFORMS)}")
-    run = checkpoint.read_run_config(args.checkpoint)
-    window = args.window or predict.input_geometry(run, None, None, None).crop_size
+    recorded = geometry.recorded_input(checkpoint.read_run_config(args.checkpoint))
+    window = args.window or geometry.input_geometry(recorded, None, None, None).crop_size
     if window <= 0 or window % 32:
       raise ValueError(f"--window {window} is not a positive multiple of 32")
     out = Path(args.out)
@@ -155,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   exported = export_model(build_model(config), variables, window, platforms)
-  write_artifact(out, exported, artifact_meta(config, predict.input_normalization(run, config), window, platforms))
+  write_artifact(out, exported, artifact_meta(config, recorded, window, platforms))
   print(f"wrote {out} (window {window}, platforms {', '.join(platforms)})")
   return 0
 

@@ -5,7 +5,9 @@ training or evaluation: they are computed once (jitted) and kept, instead of
 re-running CLIP every step as the official code does. Prompt templates
 ("a photo of a {}.") are averaged as CLIP's prompt ensembling does: normalise
 each template's embedding, average, renormalise. The default template "{}"
-feeds the raw label, as LSeg does.
+feeds the raw label, as LSeg does. The label count is padded up to a
+multiple of LABEL_BUCKET (repeats of the first label, dropped after), so a
+server answering label sets of every size compiles once per bucket.
 """
 
 from collections.abc import Sequence
@@ -16,6 +18,13 @@ import numpy as np
 
 from lseg_jax import tokenizer
 from lseg_jax.models import LSeg
+
+LABEL_BUCKET = 8
+
+
+def padded_label_count(n: int) -> int:
+  """n rounded up to a multiple of LABEL_BUCKET."""
+  return -(-n // LABEL_BUCKET) * LABEL_BUCKET
 
 
 def parse_labels(text: str) -> list[str]:
@@ -40,6 +49,19 @@ def parse_labels(text: str) -> list[str]:
   return labels
 
 
+_ENCODERS: dict[int, tuple[object, object]] = {}  # id(model) -> (model, its jitted text tower)
+
+
+def _encoder(model):
+  """The jitted text tower of `model` (a Flax LSeg or an export artifact),
+  one per model: ids [..., 77] -> [..., D]. Flax modules do not hash, hence
+  the id (the model is kept with it, so the id is never reused)."""
+  if id(model) not in _ENCODERS:
+    _ENCODERS[id(model)] = (model, jax.jit(lambda params, ids: model.apply({"params": {"text_encoder": params}}, ids,
+                                                                         method=LSeg.encode_text)))
+  return _ENCODERS[id(model)][1]
+
+
 def encode_labels(model: LSeg, text_params, labels: Sequence[str], templates: Sequence[str] = ("{}",)
                   ) -> jax.Array:
   """[len(labels), D] text embeddings of `labels` (normalised when ensembling)."""
@@ -47,9 +69,9 @@ def encode_labels(model: LSeg, text_params, labels: Sequence[str], templates: Se
     raise ValueError("the label list is empty: give at least one label")
   if not templates or any("{}" not in t for t in templates):
     raise ValueError(f"prompt templates must each contain '{{}}': {list(templates)}")
-  ids = np.stack([tokenizer.tokenize([t.format(l) for l in labels]) for t in templates])  # [T, N, 77]
-  encode = jax.jit(lambda p, i: model.apply({"params": {"text_encoder": p}}, i, method=LSeg.encode_text))
-  features = encode(text_params, ids)  # [T, N, D]
+  padded = [*labels, *[labels[0]] * (padded_label_count(len(labels)) - len(labels))]
+  ids = np.stack([tokenizer.tokenize([t.format(l) for l in padded]) for t in templates])  # [T, N', 77]
+  features = _encoder(model)(text_params, ids)[:, :len(labels)]  # [T, N, D]
   if len(templates) == 1:
     return features[0]
   features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)

@@ -14,7 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from helpers import tiny_config, train
-from lseg_jax import checkpoint, inference, labels as labels_lib, predict, sharding
+from lseg_jax import checkpoint, geometry as geometry_lib, images, inference, labels as labels_lib, pictures, predict
+from lseg_jax import segmenter, sharding
+from lseg_jax.segmenter import Segmenter
 from lseg_jax.data import shapes
 from lseg_jax.models import get_model_config
 from lseg_jax.models.layers import resize_bilinear_np
@@ -36,7 +38,7 @@ GRAY_MODES = ("L", "LA", "La", "I", "F")
 @pytest.mark.parametrize("mode", list(COLOUR_MODES))
 def test_colour_modes_read_as_their_rgb(mode):
   im = gradient_image()
-  got = predict.to_rgb(im.convert(mode))
+  got = images.to_rgb(im.convert(mode))
   assert got.dtype == np.uint8 and got.shape == (24, 32, 3)
   assert np.abs(got.astype(int) - np.asarray(im)).mean() <= COLOUR_MODES[mode]
 
@@ -49,7 +51,7 @@ def test_gray_modes_read_as_their_gray_levels(mode):
     im = Image.frombytes(mode, gray.shape[::-1], (gray.astype(f"{order}u2") * 257).tobytes())
   else:  # Pillow makes La only from LA
     im = Image.fromarray(gray).convert("LA" if mode == "La" else mode).convert(mode)
-  got = predict.to_rgb(im)
+  got = images.to_rgb(im)
   assert got.dtype == np.uint8 and got.shape == (24, 32, 3)
   np.testing.assert_array_equal(got[..., 0], got[..., 1])
   np.testing.assert_array_equal(got[..., 0], got[..., 2])
@@ -63,7 +65,7 @@ def test_16_bit_ramp_is_scaled_not_saturated(tmp_path):
   ramp = np.linspace(0, 65535, 256).round().astype(np.uint16)[None].repeat(4, 0)  # [4, 256]
   Image.fromarray(ramp).save(tmp_path / "ramp16.png")
   assert Image.open(tmp_path / "ramp16.png").mode == "I;16"
-  got = predict.read_image(tmp_path / "ramp16.png")[0, :, 0]
+  got = images.read_image(tmp_path / "ramp16.png")[0, :, 0]
   assert got[0] == 0 and got[-1] == 255 and (np.diff(got.astype(int)) >= 0).all()
   assert len(np.unique(got)) == 256  # PIL's convert("RGB") gives 0 then 255 everywhere
 
@@ -75,7 +77,7 @@ def test_16_bit_ramp_is_scaled_not_saturated(tmp_path):
     (np.array([[-100, 0, 100]], np.int32), [0, 128, 255]),  # any other range: min..max
 ], ids=["F_unit", "F_8bit", "I_16bit", "I_signed"])
 def test_wide_gray_ranges(values, expected):
-  assert predict.to_rgb(Image.fromarray(values))[0, :, 0].tolist() == expected
+  assert images.to_rgb(Image.fromarray(values))[0, :, 0].tolist() == expected
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
@@ -83,7 +85,7 @@ def test_transparent_pixels_are_white(mode):
   rgba = np.zeros((4, 6, 4), np.uint8)
   rgba[..., 3] = 255
   rgba[:, :3, 3] = 0  # the left half fully transparent (black underneath)
-  got = predict.to_rgb(Image.fromarray(rgba, "RGBA").convert(mode))
+  got = images.to_rgb(Image.fromarray(rgba, "RGBA").convert(mode))
   assert (got[:, :3] == 255).all() and (got[:, 3:] == 0).all()
 
 
@@ -91,14 +93,14 @@ def test_palette_transparency_index_is_white():
   im = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
   im.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
   im.info["transparency"] = 0
-  assert predict.to_rgb(im)[..., 0].tolist() == [[255, 200], [200, 255]]
+  assert images.to_rgb(im)[..., 0].tolist() == [[255, 200], [200, 255]]
 
 
 def test_exif_orientation_is_applied(tmp_path):
   exif = Image.Exif()
   exif[0x0112] = 6  # rotate 90 degrees clockwise to display
   gradient_image(24, 32).save(tmp_path / "rotated.png", exif=exif)
-  assert predict.read_image(tmp_path / "rotated.png").shape == (32, 24, 3)
+  assert images.read_image(tmp_path / "rotated.png").shape == (32, 24, 3)
 
 
 def bad_images(folder) -> dict[str, str]:
@@ -113,23 +115,23 @@ def bad_images(folder) -> dict[str, str]:
 
 def test_bad_images_raise_naming_the_file(tmp_path):
   for name, why in bad_images(tmp_path).items():
-    with pytest.raises(predict.ImageError, match=f"(?i)cannot read image .*{name}.*{why}"):
-      predict.probe_image(tmp_path / name) if name != "truncated.jpg" else predict.read_image(tmp_path / name)
+    with pytest.raises(images.ImageError, match=f"(?i)cannot read image .*{name}.*{why}"):
+      images.probe_image(tmp_path / name) if name != "truncated.jpg" else images.read_image(tmp_path / name)
 
 
 def test_output_names_never_collide(tmp_path):
   paths = [tmp_path / "a" / "x.jpg", tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg", tmp_path / "c" / "X.JPG",
            tmp_path / "d" / "x.jpg-2"]
-  assert predict.output_names(paths) == ["x.jpg", "x.png", "x.jpg-2", "X.JPG-3", "x.jpg-2-2"]
+  assert images.output_names(paths) == ["x.jpg", "x.png", "x.jpg-2", "X.JPG-3", "x.jpg-2-2"]
 
 
 def test_expand_inputs_lists_folders_once(tmp_path):
   for name in ("b.png", "a.JPG", "notes.txt"):
     (tmp_path / name).write_bytes(b"")
-  assert predict.expand_inputs([str(tmp_path / "b.png"), str(tmp_path)]) == [tmp_path / "b.png", tmp_path / "a.JPG"]
+  assert images.expand_inputs([str(tmp_path / "b.png"), str(tmp_path)]) == [tmp_path / "b.png", tmp_path / "a.JPG"]
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="no images found"):
-    predict.expand_inputs([str(tmp_path / "empty")])
+    images.expand_inputs([str(tmp_path / "empty")])
 
 
 # ------------------------------------------------------------------ labels and legend
@@ -144,13 +146,13 @@ def test_duplicate_labels_are_an_error_naming_them(text, duplicate):
 
 
 def test_labels_no_font_covers_are_escaped():
-  labels, missing = predict.legend_labels(["dog", "x\ufdd0"])  # U+FDD0 is a noncharacter: no font has it
+  labels, missing = pictures.legend_labels(["dog", "x\ufdd0"])  # U+FDD0 is a noncharacter: no font has it
   assert labels[0][0] == "dog" and labels[1][0] == "x\\ufdd0" and missing == ["x\ufdd0"]
 
 
-@pytest.mark.skipif("DejaVuSans.ttf" not in predict.available_fonts(), reason="needs the DejaVu Sans font")
+@pytest.mark.skipif("DejaVuSans.ttf" not in pictures.available_fonts(), reason="needs the DejaVu Sans font")
 def test_non_ascii_labels_render_with_a_covering_font():
-  labels, missing = predict.legend_labels(["café", "Ωmega", "жук"])
+  labels, missing = pictures.legend_labels(["café", "Ωmega", "жук"])
   assert missing == [] and [t for t, _ in labels] == ["café", "Ωmega", "жук"]
   assert all(f == "DejaVuSans.ttf" for _, f in labels)
 
@@ -163,31 +165,31 @@ def legend_columns(panel: Image.Image, colours) -> list[int]:
 
 def test_legend_grows_to_fit_long_labels():
   colour = (200, 10, 10)
-  short = predict.draw_legend([("cat", predict.available_fonts()[0], colour)], 200)
+  short = pictures.draw_legend([("cat", pictures.available_fonts()[0], colour)], 200)
   text = "a very long label that the old 160 pixel legend clipped after a few words"
-  long = predict.draw_legend([(text, predict.available_fonts()[0], colour)], 200)
-  font = predict._font(predict.available_fonts()[0], 12)
+  long = pictures.draw_legend([(text, pictures.available_fonts()[0], colour)], 200)
+  font = pictures._font(pictures.available_fonts()[0], 12)
   assert long.width > short.width + font.getlength(text) - font.getlength("cat") - 2
   # the text's last pixels lie inside the panel: some dark pixel in the right part of the row
   assert (np.asarray(long)[:, long.width - 40:long.width - 4] < 100).any()
 
 
 def test_many_labels_lay_out_in_columns():
-  colours = [tuple(int(v) for v in c) for c in predict.palette(60)]
-  panel = predict.draw_legend([(f"label {i}", predict.available_fonts()[0], c) for i, c in enumerate(colours)], 300)
+  colours = [tuple(int(v) for v in c) for c in pictures.palette(60)]
+  panel = pictures.draw_legend([(f"label {i}", pictures.available_fonts()[0], c) for i, c in enumerate(colours)], 300)
   columns = sorted(set(legend_columns(panel, colours)))
   assert panel.height <= 300 and len(columns) >= 3
-  one = predict.draw_legend([(f"label {i}", predict.available_fonts()[0], c) for i, c in enumerate(colours[:5])], 300)
+  one = pictures.draw_legend([(f"label {i}", pictures.available_fonts()[0], c) for i, c in enumerate(colours[:5])], 300)
   assert len(set(legend_columns(one, colours[:5]))) == 1
 
 
 def test_overlay_draws_the_present_labels_beside_the_image():
   names = ["background", "犬", "café", "x\ufdd0"]
-  labels, _ = predict.legend_labels(names)
+  labels, _ = pictures.legend_labels(names)
   ids = np.zeros((50, 60), np.int64)
   ids[10:20, 10:20], ids[30:40, 30:40] = 1, 3
-  colours = predict.palette(len(names))
-  canvas = predict.overlay_with_legend(np.full((50, 60, 3), 128, np.uint8), ids, labels, colours)
+  colours = pictures.palette(len(names))
+  canvas = pictures.overlay_with_legend(np.full((50, 60, 3), 128, np.uint8), ids, labels, colours)
   assert canvas.height >= 50 and canvas.width > 60
   legend = np.asarray(canvas)[:, 60:]
   present = [(legend == colours[i]).all(-1).any() for i in range(len(names))]
@@ -210,32 +212,38 @@ def run_config(**input_fields) -> ml_collections.ConfigDict:
     (None, (True, None, None), (True, 480, 480)),
 ], ids=["converted", "resize_run", "val_run", "flags_win", "square_base", "converted_square"])
 def test_input_geometry(run, flags, expected):
-  assert predict.input_geometry(run, *flags) == predict.Geometry(*expected)
+  assert geometry_lib.input_geometry(geometry_lib.recorded_input(run), *flags) == geometry_lib.Geometry(*expected)
 
 
-def identity_segmenter(ms: inference.MultiScale, n: int) -> inference.MultiScaleSegmenter:
-  """A segmenter whose "network" returns the first n normalised channels (repeated)."""
-  forward = lambda params, windows, text, label_mask: jnp.tile(windows, (1, 1, 1, n))[..., :n]
-  return inference.MultiScaleSegmenter(forward, {}, sharding.make_mesh([("data", 1)]), ms, np.zeros(3, np.float32))
+def segmenter_of(forward) -> Segmenter:
+  """A Segmenter around `forward` (no weights), on one device, CLIP's normalisation."""
+  return Segmenter(None, {}, None, get_model_config("tiny"), {"normalization": "clip"},
+                   mesh=sharding.make_mesh([("data", 1)]), forward=forward)
 
 
-@pytest.mark.parametrize("hw, n, geometry, scales, flip", [
+def first_channels(params, windows, text, label_mask):
+  """A "network" whose logits are the normalised channels, repeated over the labels."""
+  n = text.shape[1]
+  return jnp.tile(windows, (1, 1, 1, n))[..., :n]
+
+
+@pytest.mark.parametrize("hw, n, geometry_, scales, flip", [
     ((300, 400), 20, (False, 520, 480), (1.0,), False),
     ((90, 120), 10, (False, 80, 64), (0.5, 1.0, 1.75), True),
     ((70, 50), 30, (True, 96, 96), (1.0, 1.5), False),
 ])
-def test_logits_stay_on_the_device(hw, n, geometry, scales, flip):
+def test_logits_stay_on_the_device(hw, n, geometry_, scales, flip):
   """Host memory does not grow with the image's [H, W, N] logits: with 4x the
   labels the peak of host allocations (tracemalloc) grows by far less than
   one such map; the device estimate covers the summed map."""
-  geometry = predict.Geometry(*geometry)
+  geometry = geometry_lib.Geometry(*geometry_)
   ms = inference.MultiScale(scales=scales, flip=flip, base_size=geometry.base_size, crop_size=geometry.crop_size)
   image = np.zeros((*hw, 3), np.uint8)
+  seg = segmenter_of(first_channels)
   peaks = []
   for labels in (n, 4 * n):
-    segmenter, text = identity_segmenter(ms, labels), np.zeros((labels, 4), np.float32)
-    run = lambda: predict.predict_images(segmenter, [image], text, geometry, np.zeros(3, np.float32),
-                                         np.ones(3, np.float32), False)
+    text = np.ones((labels, 4), np.float32)
+    run = lambda: seg.segment([image], text, geometry=geometry, scales=scales, flip=flip)
     run()  # compile
     tracemalloc.start()
     (ids, logits), = run()
@@ -243,17 +251,17 @@ def test_logits_stay_on_the_device(hw, n, geometry, scales, flip):
     tracemalloc.stop()
     assert ids.shape == hw and logits is None
   assert peaks[1] - peaks[0] < 4 * hw[0] * hw[1] * n  # the host would hold 3 more maps of n labels
-  assert predict.logits_gb(*hw, n, geometry, ms) * 1e9 >= 4 * inference.size_bucket(hw[0]) * inference.size_bucket(
+  assert segmenter.logits_gb(*hw, n, geometry, ms) * 1e9 >= 4 * inference.size_bucket(hw[0]) * inference.size_bucket(
       hw[1]) * n
 
 
 def test_too_thin_images_are_refused_before_any_work(tmp_path):
   Image.fromarray(np.zeros((1, 3000, 3), np.uint8)).save(tmp_path / "thin.png")
   ms = inference.MultiScale(scales=(0.5, 1.0), flip=False, base_size=520, crop_size=480)
-  with pytest.raises(predict.ImageError, match="1 image is too thin for --base_size 520 at scale 0.5"):
-    predict.check_image(tmp_path / "thin.png", 2, predict.Geometry(False, 520, 480), ms, 4.0)
+  with pytest.raises(images.ImageError, match="1 image is too thin for --base_size 520 at scale 0.5"):
+    predict.check_image(tmp_path / "thin.png", 2, geometry_lib.Geometry(False, 520, 480), ms, 4.0)
   square = inference.MultiScale(scales=(0.5, 1.0), flip=False, base_size=96, crop_size=96)
-  predict.check_image(tmp_path / "thin.png", 2, predict.Geometry(True, 96, 96), square, 4.0)  # squashed: fine
+  predict.check_image(tmp_path / "thin.png", 2, geometry_lib.Geometry(True, 96, 96), square, 4.0)  # squashed: fine
 
 
 def test_square_geometry_maps_back_to_the_image_size():
@@ -263,19 +271,15 @@ def test_square_geometry_maps_back_to_the_image_size():
 
   def forward(params, windows, text, label_mask):
     seen.append(windows.shape)
-    return windows[..., :2]  # two "labels": the normalised R and G channels
+    return jnp.tile(windows[..., :2], (1, 1, 1, text.shape[1]))[..., :text.shape[1]]  # labels 0, 1: R and G
 
-  ms = inference.MultiScale(scales=(1.0,), flip=False, base_size=32, crop_size=32)
-  segmenter = inference.MultiScaleSegmenter(forward, {}, sharding.make_mesh([("data", 1)]), ms,
-                                            np.zeros(3, np.float32), windows_per_device=1)
   image = np.asarray(gradient_image(30, 50))
-  (ids, logits), = predict.predict_images(segmenter, [image], np.zeros((2, 4), np.float32),
-                                          predict.Geometry(True, 32, 32), np.zeros(3, np.float32),
-                                          np.full(3, 255.0, np.float32), True)
-  assert seen == [(1, 32, 32, 3)] and logits.shape == (30, 50, 2)
-  square = predict.square_input(image, 32) / 255.0 / 255.0
+  (ids, logits), = segmenter_of(forward).segment([image], np.ones((2, 4), np.float32),
+                                                 geometry=geometry_lib.Geometry(True, 32, 32), return_logits=True)
+  assert seen == [(segmenter.WINDOWS_PER_DEVICE, 32, 32, 3)] and logits.shape == (30, 50, 2)
+  square = geometry_lib.square_input(image, 32) / 255.0 * 2 - 1  # CLIP's normalisation
   expected = resize_bilinear_np(square[None, ..., :2].astype(np.float32), (30, 50), align_corners=True)[0]
-  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(ids, np.argmax(logits, -1))
 
 
@@ -284,20 +288,20 @@ def test_square_geometry_maps_back_to_the_image_size():
 
 def test_text_tower_note():
   official = get_model_config("clip_vitl16_384")
-  assert "not CLIP (a 32-wide test tower)" in predict.text_tower_note(get_model_config("tiny"), None)
-  assert predict.text_tower_note(official, None) is None  # a converted official model
+  assert "not CLIP (a 32-wide test tower)" in segmenter.text_tower_note(get_model_config("tiny"), None)
+  assert segmenter.text_tower_note(official, None) is None  # a converted official model
   random_run = run_config(dataset="lseg_shapes")
-  note = predict.text_tower_note(official, random_run)
+  note = segmenter.text_tower_note(official, random_run)
   assert "initialised at random" in note and "(background, circle, square" in note
   random_run.init.clip_text = "/w/clip.safetensors"
-  assert predict.text_tower_note(official, random_run) is None
+  assert segmenter.text_tower_note(official, random_run) is None
 
 
 def test_normalisation_follows_the_run():
   resnet = get_model_config("tiny_resnet")
-  assert predict.input_normalization(run_config(normalization="clip"), resnet) == "clip"
-  assert predict.input_normalization(None, resnet) == "imagenet"
-  assert predict.input_normalization(None, get_model_config("tiny")) == "clip"
+  assert geometry_lib.input_normalization(geometry_lib.recorded_input(run_config(normalization="clip")), resnet) == "clip"
+  assert geometry_lib.input_normalization({}, resnet) == "imagenet"
+  assert geometry_lib.input_normalization({}, get_model_config("tiny")) == "clip"
 
 
 # ------------------------------------------------------------------ end to end on a trained run
@@ -389,9 +393,9 @@ def test_bad_images_in_a_batch_are_skipped(trained, tmp_path, capsys):
 def test_images_over_the_memory_cap_are_skipped_before_any_work(trained, tmp_path, capsys):
   gradient_image(40, 50).save(tmp_path / "small.png")
   gradient_image(400, 500).save(tmp_path / "large.png")
-  geometry = predict.input_geometry(checkpoint.read_run_config(trained), None, None, None)
+  geometry = Segmenter.load(trained).geometry()
   ms = inference.MultiScale(scales=(1.0,), flip=False, base_size=geometry.base_size, crop_size=geometry.crop_size)
-  cap = math.sqrt(predict.logits_gb(40, 50, 2, geometry, ms) * predict.logits_gb(400, 500, 2, geometry, ms))
+  cap = math.sqrt(segmenter.logits_gb(40, 50, 2, geometry, ms) * segmenter.logits_gb(400, 500, 2, geometry, ms))
   rc = predict.main(["--checkpoint", str(trained), "--labels", "background,circle", "--out", str(tmp_path / "out"),
                      "--max_logits_gb", f"{cap:.6g}", str(tmp_path / "large.png"), str(tmp_path / "small.png")])
   err = capsys.readouterr().err

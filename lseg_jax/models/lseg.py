@@ -72,7 +72,11 @@ class SpatialRegularization(nn.Module):
 
 
 class LSegHead(nn.Module):
-  """Fused map [B, h, w, F] and text features -> logits [B, 2h, 2w, N]."""
+  """Fused map [B, h, w, F] and text features -> logits [B, 2h, 2w, N], in
+  two steps that callers also use alone: `embed` (the unit pixel embeddings
+  [B, h, w, D]: head1's output, L2-normalised) and `score` (embeddings and
+  text -> logits: the logit scale, the spatial regularisation blocks, the x2
+  upsampling)."""
   embed_dim: int = 512
   logit_scale: float = 1 / 0.07
   arch_option: int = 0
@@ -81,12 +85,28 @@ class LSegHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.head1 = layers.conv(self.embed_dim, 1, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.arch_option:
+      self.head_block = SpatialRegularization(self.arch_option, self.block_depth, self.activation)
+
   def __call__(self, path: jax.Array, text_features: jax.Array, label_mask: jax.Array | None = None) -> jax.Array:
-    pixels = layers.conv(self.embed_dim, 1, name="head1", dtype=self.dtype, param_dtype=self.param_dtype)(path)
+    return self.score(self.embed(path), text_features, label_mask)
+
+  def pixel_features(self, path: jax.Array) -> jax.Array:
+    """[B, h, w, F] -> head1's output [B, h, w, D] in float32, not normalised."""
+    pixels = self.head1(path)
     self.sow("intermediates", "pixel_embeddings", pixels)  # [B, h, w, D], head1 output
-    pixels = pixels.astype(jnp.float32)
-    pixels = pixels / jnp.linalg.norm(pixels, axis=-1, keepdims=True)
+    return pixels.astype(jnp.float32)
+
+  def embed(self, path: jax.Array) -> jax.Array:
+    """[B, h, w, F] -> unit pixel embeddings [B, h, w, D] in float32."""
+    pixels = self.pixel_features(path)
+    return pixels / jnp.linalg.norm(pixels, axis=-1, keepdims=True)
+
+  def score(self, pixels: jax.Array, text_features: jax.Array, label_mask: jax.Array | None = None) -> jax.Array:
+    """Unit pixel embeddings [B, h, w, D] and text features [N, D] or
+    [B, N, D] -> logits [B, 2h, 2w, N] in float32."""
     text = text_features.astype(jnp.float32)
     text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
     spec = "bhwd,nd->bhwn" if text.ndim == 2 else "bhwd,bnd->bhwn"
@@ -94,8 +114,7 @@ class LSegHead(nn.Module):
         spec, pixels.astype(self.dtype), text.astype(self.dtype), preferred_element_type=jnp.float32)
     self.sow("intermediates", "logits_lowres_pre_block", logits)  # [B, h, w, N]
     if self.arch_option:
-      logits = SpatialRegularization(self.arch_option, self.block_depth, self.activation,
-                                     name="head_block")(logits, label_mask)
+      logits = self.head_block(logits, label_mask)
     self.sow("intermediates", "logits_lowres", logits)
     return layers.upsample2x(logits)  # [B, 2h, 2w, N]
 
@@ -122,6 +141,27 @@ class LSeg(nn.Module):
     -> logits [B, H, W, N] in float32."""
     if text_features.shape[-2] == 0:
       raise ValueError("the label set is empty: LSeg needs at least one label to segment against.")
+    return self.head(self.fused(images, train), text_features, label_mask)
+
+  def embed(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images [B, H, W, 3] (normalised) -> unit pixel embeddings [B, H/2, W/2, D]
+    in float32: head1's output before the logit scale, the spatial
+    regularisation blocks and the x2 upsampling (the features OpenScene,
+    VLMaps and DFF extract)."""
+    return self.head.embed(self.fused(images, train))
+
+  def pixel_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """`embed` before the L2 normalisation: head1's output [B, H/2, W/2, D]
+    (the recipes that resize before normalising start from it)."""
+    return self.head.pixel_features(self.fused(images, train))
+
+  def score(self, pixels: jax.Array, text_features: jax.Array, label_mask: jax.Array | None = None) -> jax.Array:
+    """Unit pixel embeddings [B, h, w, D] (`embed`) and text features -> logits
+    [B, 2h, 2w, N]: what the model computes after them."""
+    return self.head.score(pixels, text_features, label_mask)
+
+  def fused(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images [B, H, W, 3] -> the DPT decoder's fused map [B, H/2, W/2, F]."""
     check_image_size(images.shape[1], images.shape[2], self.size_multiple)
     if self.reassemble is None:
       levels = self.backbone(images, train)
@@ -134,7 +174,7 @@ class LSeg(nn.Module):
       self.sow("intermediates", f"layer{i + 1}", level)
     path = self.fusion(levels, train)  # [B, H/2, W/2, F]
     self.sow("intermediates", "path_1", path)
-    return self.head(path, text_features, label_mask)
+    return path
 
   def segment(self, images: jax.Array, token_ids: jax.Array, train: bool = False) -> jax.Array:
     """Images and label token ids ([N, 77] or [B, N, 77]) -> logits [B, H, W, N]."""
