@@ -206,7 +206,7 @@ def _train_and_evaluate(config, workdir: Path, allow_config_change: bool, stop: 
   workdir_lib.write_run_files(workdir, config)  # the restore decision is made: this run owns the workdir
   checkpoint.save_text_encoder(workdir, text_params)  # once, for eval.py and predict
   first_step = int(state["step"])
-  saved = {"step": resumed, "pending": None}
+  saved = {"pending": None}  # the step of the background save not yet known finished
 
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
 
@@ -234,13 +234,11 @@ def _train_and_evaluate(config, workdir: Path, allow_config_change: bool, stop: 
   def check_saves(wait: bool = False) -> None:
     """Raises RunFault once the pending background save has failed (disk
     full, ...): checked every step, so the run stops at the next step."""
-    if saved["pending"] is None:
-      return
+    if saved["pending"] is None or (not wait and manager.is_saving_in_progress()):
+      return  # (manager.latest_step() names a save from its start, not once it is finalised)
     with save_faults():
-      if wait or not manager.is_saving_in_progress():
-        manager.wait_until_finished()  # re-raises the background save's error
-    if manager.latest_step() == saved["pending"]:
-      saved["step"], saved["pending"] = saved["pending"], None
+      manager.wait_until_finished()  # re-raises the background save's error
+    saved["pending"] = None
 
   # ------------------------------------------------------------ loop
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
