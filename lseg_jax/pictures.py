@@ -91,13 +91,23 @@ def draw_legend(entries: Sequence[tuple[str, str | None, tuple[int, int, int]]],
 def overlay_with_legend(image: np.ndarray, ids: np.ndarray, labels: Sequence[tuple[str, str | None]],
                         colours: np.ndarray) -> Image.Image:
   """The colour map blended over the image, with a legend of the labels present at its right."""
-  blend = (0.5 * image + 0.5 * colours[ids]).astype(np.uint8)  # [H, W, 3]
   present = np.unique(ids)
   legend = draw_legend([(*labels[i], tuple(int(c) for c in colours[i])) for i in present], image.shape[0])
   canvas = Image.new("RGB", (image.shape[1] + legend.width, max(image.shape[0], legend.height)), "white")
-  canvas.paste(Image.fromarray(blend), (0, 0))
+  canvas.paste(Image.fromarray(blend(image, ids, colours)), (0, 0))
   canvas.paste(legend, (image.shape[1], 0))
   return canvas
+
+
+def blend(image: np.ndarray, ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3]: the label colours half over the image."""
+  return (0.5 * image + 0.5 * colours[ids]).astype(np.uint8)
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of values in [0, 1] [H, W]: black, red, yellow, white."""
+  v = np.clip(values, 0.0, 1.0)[..., None]
+  return np.round(255 * np.clip(3 * v - np.array([0.0, 1.0, 2.0]), 0, 1)).astype(np.uint8)
 
 
 def palette(n: int) -> np.ndarray:

@@ -42,3 +42,18 @@ def finished_run(shapes_config, tmp_path_factory):
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
   return workdir
+
+
+@pytest.fixture(scope="session")
+def trained(shapes_config, tmp_path_factory):
+  """The demo's recipe (small_resnet, square "resize" transform) at 64 px on
+  the tiny build: 250 steps learn its 64 training images (train pixel
+  accuracy ~0.95; too few images to generalise to the validation split).
+  The workdir predict's and the web demo's end-to-end tests read."""
+  from helpers import tiny_config, train  # pylint: disable=g-import-not-at-top
+  from lseg_jax.models import get_model_config  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("trained")
+  config = tiny_config(shapes_config, total_steps=250, ckpt_every=0, log_every=250, lr=1e-2)
+  config.model = get_model_config("small_resnet")  # replaced, not merged into the tiny ViT's fields
+  train.train_and_evaluate(config, workdir)
+  return workdir

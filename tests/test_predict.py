@@ -13,7 +13,6 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from helpers import tiny_config, train
 from lseg_jax import checkpoint, geometry as geometry_lib, images, inference, labels as labels_lib, pictures, predict
 from lseg_jax import segmenter, sharding
 from lseg_jax.segmenter import Segmenter
@@ -305,18 +304,6 @@ def test_normalisation_follows_the_run():
 
 
 # ------------------------------------------------------------------ end to end on a trained run
-
-@pytest.fixture(scope="module")
-def trained(shapes_config, tmp_path_factory):
-  """The demo's recipe (small_resnet, square "resize" transform) at 64 px on
-  the tiny build: 250 steps learn its 64 training images (train pixel
-  accuracy ~0.95; too few images to generalise to the validation split)."""
-  workdir = tmp_path_factory.mktemp("trained")
-  config = tiny_config(shapes_config, total_steps=250, ckpt_every=0, log_every=250, lr=1e-2)
-  config.model = get_model_config("small_resnet")  # replaced, not merged into the tiny ViT's fields
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
 
 def shapes_images(shapes_config, folder, count: int) -> dict[str, np.ndarray]:
   """The first `count` lseg_shapes training images as PNGs in `folder`: name -> mask."""
