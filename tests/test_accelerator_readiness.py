@@ -138,6 +138,7 @@ def test_compiled_memory_sums_its_fields():
                                        + mem["generated_code"], abs=2e-3)
 
 
+@pytest.mark.slow  # 45 s of the default suite's budget; the script is run for real on every lent GPU
 def test_accelerator_script_smoke_prints_sane_json_lines():
   """benchmarks/accelerator.sh --smoke: the tiny model on the CPU backend."""
   env = cpu_env(1, compile_cache=False)
