@@ -113,10 +113,13 @@ def openscene_crop(h: int, w: int, multiple: int = 32) -> int:
 
 
 def preset_features(forward: WindowFeatures, image: np.ndarray, preset: Preset, pad_value: np.ndarray,
-                    crop_size: int | None = None) -> np.ndarray:
+                    crop_size: int | None = None, chunk: int = 4) -> np.ndarray:
   """The recipe's features [h, w, D] float32 of a normalised image [H, W, 3]
   (float32), `forward` running its windows (crop_size x crop_size: the
-  preset's, or openscene's `openscene_crop`)."""
+  preset's, or openscene's `openscene_crop`) `chunk` at a time (with their
+  mirrors): each chunk's maps are added into the scale's sum as they come,
+  so memory holds one chunk of window maps (a 480 px window's x2 map is
+  470 MB in float32), not a scale's."""
   h, w = image.shape[:2]
   if preset.name == "openscene":
     crop = crop_size or openscene_crop(h, w)
@@ -133,14 +136,15 @@ def preset_features(forward: WindowFeatures, image: np.ndarray, preset: Preset, 
     g = inference.scale_geometry(h, w, scale, ms)
     resized = resize_bilinear_np(image[None], (g.height, g.width), align_corners=True)[0]
     padded = inference.pad_to(resized, crop, pad_value)  # [*g.canvas, 3]
-    windows = [inference.pad_to(padded[h0:h1, w0:w1], crop, pad_value) for h0, h1, w0, w1 in g.windows]
-    maps = _with_flip(forward, windows, preset.flip)
     out, count = None, np.zeros((*g.canvas, 1), np.float32)
-    for (h0, h1, w0, w1), m in zip(g.windows, maps):
-      if out is None:
-        out = np.zeros((*g.canvas, m.shape[-1]), np.float32)
-      out[h0:h1, w0:w1] += m[:h1 - h0, :w1 - w0]
-      count[h0:h1, w0:w1] += 1
+    for start in range(0, len(g.windows), chunk):
+      group = g.windows[start:start + chunk]
+      windows = [inference.pad_to(padded[h0:h1, w0:w1], crop, pad_value) for h0, h1, w0, w1 in group]
+      for (h0, h1, w0, w1), m in zip(group, _with_flip(forward, windows, preset.flip)):
+        if out is None:
+          out = np.zeros((*g.canvas, m.shape[-1]), np.float32)
+        out[h0:h1, w0:w1] += m[:h1 - h0, :w1 - w0]
+        count[h0:h1, w0:w1] += 1
     out = (out / count)[:g.height, :g.width]
     if preset.resize_back:
       out = resize_bilinear_np(out[None], (h, w), align_corners=True)[0]

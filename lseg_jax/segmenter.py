@@ -247,10 +247,12 @@ class Segmenter:
     if self.window is not None and crop != self.window:
       raise ValueError(f"this artifact runs {self.window} px windows; preset {preset.name} needs {crop} px ones for a "
                        f"{image.shape[1]}x{image.shape[0]} image: export with --window {crop}")
-    return features_lib.preset_features(self._window_features(preset.feature, crop),
-                                        transforms.normalize(image, mean, std), preset, -mean / std, crop)
+    batch = WINDOWS_PER_DEVICE * len(self.mesh.devices.flat)  # one device step: windows and, flipped, mirrors
+    return features_lib.preset_features(self.window_features(preset.feature, crop),
+                                        transforms.normalize(image, mean, std), preset, -mean / std, crop,
+                                        chunk=max(1, batch // 2 if preset.flip != "none" else batch))
 
-  def _window_features(self, feature: str, crop: int) -> features_lib.WindowFeatures:
+  def window_features(self, feature: str, crop: int) -> features_lib.WindowFeatures:
     """windows [K, crop, crop, 3] -> WINDOW_FEATURES[feature] of each, run in
     fixed batches of WINDOWS_PER_DEVICE per device (one compile)."""
     key = ("windows", feature, crop)

@@ -402,3 +402,23 @@ def test_the_presets_are_the_published_constants():
                                                                                       (0.75, 1.0, 1.25, 1.75), "mean")
   assert p["dff"].pre_size == p["dff"].out_size == (360, 480) and p["dff"].renormalize
   assert p["openscene"].flip == "sum" and not p["openscene"].renormalize
+
+
+@pytest.mark.parametrize("name", ["vlmaps", "dff"])
+def test_streaming_windows_in_chunks_changes_nothing(name):
+  """preset_features adds each chunk's window maps into the scale's sum as
+  they come: one window at a time gives what all at once gives."""
+  preset = dataclasses.replace(features.PRESETS[name], **SMALL[name])
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(3, 8)).astype(np.float32)
+
+  def forward(windows):  # [K, c, c, 3] -> [K, c, c, 8]: position-dependent, so a misplaced window shows
+    k, c = windows.shape[:2]
+    ramp = np.linspace(0, 1, c, dtype=np.float32)[None, :, None, None]
+    return np.tanh(windows @ kernel + ramp * np.arange(8, dtype=np.float32))
+
+  image = rng.normal(size=(50, 75, 3)).astype(np.float32)
+  pad = np.zeros(3, np.float32)
+  whole = features.preset_features(forward, image, preset, pad, chunk=64)
+  streamed = features.preset_features(forward, image, preset, pad, chunk=1)
+  np.testing.assert_allclose(streamed, whole, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,103 @@
+r"""Dense features per preset, side by side: `Segmenter.embed` (windows in
+fixed batches over the devices, each batch's maps added into the sum as it
+returns) against the published recipes' structure (a host loop: one frame
+at a time, one window at a time, its mirror after it), timed with the same
+kernels on the same frames. One JSON line per (model, frame size, preset).
+
+  python benchmarks/embed.py                                       # ViT-B/32, 240x320 and 480x640, every preset
+  python benchmarks/embed.py --model clip_vitl16_384 --sizes 240,320 --presets native,openscene
+  python benchmarks/embed.py --model tiny --frames 2                # a quick look
+
+Random weights, random frames. frames_per_s: after one frame that compiles.
+host_peak_mb: the peak of host (numpy) allocations while embedding the timed
+frames (tracemalloc; on a CPU the device buffers live in host memory too,
+outside it); device_peak_mb where the backend reports it (GPU, TPU).
+device_over_host_loop: how many times faster the device path is. max_abs_diff:
+the two paths' largest difference (the same recipe: float32 rounding only).
+"""
+
+import argparse
+import json
+import time
+import tracemalloc
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from lseg_jax import features as features_lib, sharding
+from lseg_jax.data import transforms
+from lseg_jax.models import LSeg, build_model, get_model_config, init_inputs
+from lseg_jax.segmenter import Segmenter
+
+
+def random_segmenter(name: str) -> Segmenter:
+  config = get_model_config(name)
+  model = build_model(config)
+  variables = jax.jit(lambda r: nn.unbox(model.init(r, *init_inputs(config), method=LSeg.segment)))(
+      jax.random.key(0))
+  text = variables["params"].pop("text_encoder")
+  return Segmenter(model, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}, text,
+                   config, {}, mesh=sharding.make_mesh([("data", -1)]))
+
+
+def host_loop(seg: Segmenter, preset: features_lib.Preset):
+  """frame -> features by the recipes' structure: every window (and its
+  mirror) through the network on its own (a batch of 1, the same kernels)."""
+  if preset.name == "native":
+    return lambda frame: seg.embed([frame])[0]  # one forward whatever the path
+  mean, std = transforms.normalization_stats(seg.normalization)
+  fn = features_lib.WINDOW_FEATURES[preset.feature]
+  one = jax.jit(lambda params, x: fn(seg.model.apply(params, x, method=LSeg.pixel_features)))
+  forward = lambda windows: np.concatenate([np.asarray(one(seg.params, x[None])) for x in windows])
+
+  def run(frame: np.ndarray) -> np.ndarray:
+    h, w = frame.shape[:2]
+    crop = features_lib.openscene_crop(h, w) if preset.name == "openscene" else preset.crop_size
+    return features_lib.preset_features(forward, transforms.normalize(frame, mean, std), preset, -mean / std, crop,
+                                        chunk=1)
+
+  return run
+
+
+def timed(run, frames) -> tuple[float, float, list[np.ndarray]]:
+  run(frames[0])  # compiles
+  tracemalloc.start()
+  t0 = time.perf_counter()
+  out = [run(f) for f in frames]
+  rate = len(frames) / (time.perf_counter() - t0)
+  peak = tracemalloc.get_traced_memory()[1] / 2**20
+  tracemalloc.stop()
+  return rate, peak, out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="clip_vitb32_384")
+  p.add_argument("--sizes", default="240,320;480,640", help="frame height,width; several separated by ;")
+  p.add_argument("--presets", default=",".join(features_lib.PRESETS))
+  p.add_argument("--frames", type=int, default=3)
+  args = p.parse_args()
+  seg = random_segmenter(args.model)
+  rng = np.random.default_rng(0)
+  for size in args.sizes.split(";"):
+    h, w = (int(s) for s in size.split(","))
+    frames = [rng.integers(0, 255, (h, w, 3), np.uint8) for _ in range(args.frames)]
+    for name in args.presets.split(","):
+      preset = features_lib.PRESETS[name]
+      device_rate, device_peak, device_out = timed(lambda f: seg.embed([f], preset=preset)[0], frames)
+      stats = jax.devices()[0].memory_stats() or {}
+      host_rate, host_peak, host_out = timed(host_loop(seg, preset), frames)
+      print(json.dumps({
+          "benchmark": "embed", "model": args.model, "frame": f"{w}x{h}", "preset": name, "frames": args.frames,
+          "output": "x".join(map(str, device_out[0].shape)),
+          "device_frames_per_s": round(device_rate, 4), "host_loop_frames_per_s": round(host_rate, 4),
+          "device_over_host_loop": round(device_rate / host_rate, 3),
+          "device_path_host_peak_mb": round(device_peak, 1), "host_loop_host_peak_mb": round(host_peak, 1),
+          "device_peak_mb": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
+          "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(device_out, host_out))),
+          "devices": jax.device_count(), "platform": jax.devices()[0].platform}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
