@@ -345,8 +345,12 @@ class MultiScaleSegmenter:
         h, w = image.shape[:2]
         batch[i, :h, :w] = image
         per_device[i // self.images_per_device] += window_plans(h, w, self.ms, out_hw, i % self.images_per_device)
-    k = self.windows_per_device
-    steps = int(_process_max([max(-(-len(p) // k) for p in per_device)])[0])
+    # Windows per device per step: windows_per_device, or the power of two
+    # that holds this group's windows when fewer (a one-window image runs one
+    # forward, not one and three of padding): at most log2 + 1 compiles.
+    most = int(_process_max([max(len(p) for p in per_device)])[0])
+    k = min(self.windows_per_device, 1 << max(most - 1, 0).bit_length())
+    steps = -(-most // k)
     empty = _empty_plan(self.ms.crop_size, out_hw)
     n = text.shape[1]
     sums = self._zeros((self.slots * jax.process_count(), *out_hw, n))

@@ -254,20 +254,23 @@ class Segmenter:
 
   def window_features(self, feature: str, crop: int) -> features_lib.WindowFeatures:
     """windows [K, crop, crop, 3] -> WINDOW_FEATURES[feature] of each, run in
-    fixed batches of WINDOWS_PER_DEVICE per device (one compile)."""
+    batches of WINDOWS_PER_DEVICE per device, the last one cut to a multiple
+    of the device count (at most WINDOWS_PER_DEVICE compiles)."""
     key = ("windows", feature, crop)
     if key not in self._compiled:
       split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.mesh.axis_names))
       fn = features_lib.WINDOW_FEATURES[feature]
       self._compiled[key] = jax.jit(lambda params, x: fn(self.model.apply(params, x, method=LSeg.pixel_features)),
                                     in_shardings=(sharding.replicated(self.mesh), split), out_shardings=split)
-    step, batch = self._compiled[key], WINDOWS_PER_DEVICE * len(self.mesh.devices.flat)
+    devices = len(self.mesh.devices.flat)
+    step, batch = self._compiled[key], WINDOWS_PER_DEVICE * devices
 
     def run(windows: np.ndarray) -> np.ndarray:
       out = []
       for start in range(0, len(windows), batch):
         chunk = windows[start:start + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), np.float32)])
+        size = min(batch, -(-len(chunk) // devices) * devices)  # no device-step of padding windows only
+        padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
         out.append(np.asarray(step(self.params, padded))[:len(chunk)])
       return np.concatenate(out)
 

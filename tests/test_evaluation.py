@@ -153,6 +153,30 @@ def test_on_device_multiscale_equals_the_transcription():
   assert not sums[len(images):].any()
 
 
+@pytest.mark.parametrize("scales, flip, windows, per_step", [
+    ((0.5,), False, 1, 1), ((0.5,), True, 2, 2), ((0.5, 1.0), False, 5, 4), ((1.0,), True, 8, 4)])
+def test_a_step_runs_the_windows_there_are(scales, flip, windows, per_step):
+  """A device step holds windows_per_device (4) windows, or the power of two
+  that holds a group's fewer windows: a one-window image runs one forward,
+  not four (a ViT-L/16 forward at 1x384: 2.6 GB peak, not 3.2). The sums
+  equal the transcription's either way."""
+  ms = inference.MultiScale(scales=scales, flip=flip, base_size=80, crop_size=64)  # 40 px: 1 window; 80 px: 4
+  seen = []
+
+  def forward(params, batch, text, label_mask):
+    seen.append(batch.shape[0])
+    return device_fake_forward(params, batch, text, label_mask)
+
+  segmenter = inference.MultiScaleSegmenter(forward, {}, sharding.make_mesh([("data", 1)]), ms,
+                                            np.full(3, -1.0, np.float32), windows_per_device=4)
+  image = np.random.default_rng(5).uniform(-1, 1, (60, 60, 3)).astype(np.float32)
+  sums, _ = segmenter.logit_sums([image], np.zeros((1, 2, 4), np.float32), np.ones((1, 2), bool))
+  assert seen == [per_step]  # traced once: every step of the group has this batch
+  np.testing.assert_allclose(np.asarray(sums)[0, :60, :60], official_multiscale(fake_forward, image, 2, ms,
+                                                                                np.full(3, -1.0)), rtol=1e-5, atol=1e-4)
+  assert len(inference.window_plans(60, 60, ms, (64, 64), 0)) == windows
+
+
 def test_image_sizes_compile_once_per_bucket():
   assert [inference.size_bucket(n) for n in (20, 64, 65, 200, 512, 513, 683)] == [32, 64, 96, 224, 512, 640, 768]
   ms = inference.MultiScale(scales=(0.75, 1.25), flip=False, base_size=48, crop_size=32)

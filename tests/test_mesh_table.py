@@ -11,10 +11,13 @@ float32 at matmul precision "highest":
   of their layer's norm (bf16: BF16_TOL). data2xfsdp2xtensor2 is the mesh
   XLA's partitioner gets wrong without `sharding.param_at_use`
   (tests/test_xla_partitioner_canary.py);
-- the evaluation step (confusion matrix equal, loss within TOL) of the Flax
-  model and of its `lseg_jax.export` artifact;
+- the evaluation step (confusion matrix equal, loss within TOL) and the
+  few-shot step (areas equal) of the Flax model and of its `lseg_jax.export`
+  artifact;
 - multi-scale inference (`inference.MultiScaleSegmenter`): summed logits
-  within TOL per image, label maps equal.
+  within TOL per image, label maps equal;
+- dense features (`Segmenter.embed`): native and a windowed, multi-scale,
+  flipped preset, within TOL per image.
 
 Weight decay is 0, so the momentum buffer after the first step is that
 step's gradient. Compiling is what this file spends its time on, so every
@@ -31,8 +34,9 @@ import numpy as np
 import pytest
 
 from helpers import random_variables
-from lseg_jax import config_lib, evaluate, export, inference, optim, sharding, training
+from lseg_jax import config_lib, evaluate, export, features, inference, optim, sharding, training
 from lseg_jax.models import LSeg, build_model, get_model_config, init_inputs
+from lseg_jax.segmenter import Segmenter
 
 MESHES = {
     "data8": (("data", 8),),
@@ -219,13 +223,30 @@ def artifact(tmp_path_factory) -> export.ExportedModel:
   return export.load(path)
 
 
+def fewshot_areas(model, variables, text, mesh_name: str) -> dict[str, np.ndarray]:
+  """evaluate.make_fewshot_step as eval.py runs it (weights replicated, the
+  episodes split by the rules) on BATCH episodes ("others", class c)."""
+  mesh = make_mesh(mesh_name)
+  rng = np.random.default_rng(3)
+  episodes = {"image": setup("tiny")["batch"]["image"], "mask": rng.integers(-1, 2, (BATCH, SIZE, SIZE)).astype(np.int32),
+              "label_ids": np.stack([np.zeros(BATCH, np.int32), rng.integers(1, TABLE, BATCH, np.int32)], -1),
+              "label_mask": np.ones((BATCH, 2), bool)}
+  variables, text = inference.replicate((variables, text), mesh)
+  step = jax.jit(evaluate.make_fewshot_step(model, TABLE - 1), compiler_options=FAST_COMPILE)
+  with jax.default_matmul_precision("highest"):
+    inter, union = step(variables, jax.device_put(episodes, sharding.batch_sharding(mesh, RULES)), text)
+  return {"intersection": np.asarray(inter), "union": np.asarray(union)}
+
+
 def eval_both(mesh_name: str, artifact) -> dict[str, dict]:
-  """Eval-step scores of the Flax model (its weights laid out by the rules)
-  and of the artifact (weights inside) on the mesh."""
+  """Eval-step scores and few-shot areas of the Flax model (its weights laid
+  out by the rules) and of the artifact (weights inside) on the mesh."""
   s = setup("tiny")
   variables, batch, text = placed(s, make_mesh(mesh_name))
   return {"flax": eval_scores(s["model"], variables, batch, text, mesh_name),
-          "artifact": eval_scores(artifact, {}, batch, text, mesh_name)}
+          "artifact": eval_scores(artifact, {}, batch, text, mesh_name),
+          "flax fewshot": fewshot_areas(s["model"], s["variables"], s["text"], mesh_name),
+          "artifact fewshot": fewshot_areas(artifact, {}, s["text"], mesh_name)}
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +257,13 @@ def one_device_scores(artifact) -> dict[str, dict]:
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_eval_step_and_artifact_score_as_one_device(mesh, artifact, one_device_scores):
   got = eval_both(mesh, artifact)
-  for model, want in one_device_scores.items():
+  for model in ("flax fewshot", "artifact fewshot"):
+    want = one_device_scores[model]
+    for key in want:
+      np.testing.assert_array_equal(got[model][key], want[key], err_msg=f"{mesh} {model} {key}")
+    assert 0 < want["intersection"].sum() < want["union"].sum()
+  for model in ("flax", "artifact"):
+    want = one_device_scores[model]
     np.testing.assert_array_equal(got[model]["confusion"], want["confusion"], err_msg=f"{mesh} {model}")
     assert got[model]["valid"] == want["valid"]
     error = abs(float(got[model]["loss_sum"]) / float(want["loss_sum"]) - 1)
@@ -277,3 +304,32 @@ def test_multiscale_inference_equals_one_device(mesh, one_device_multiscale):
   assert_within(errors, TOL, f"{mesh} multi-scale logits")
   np.testing.assert_array_equal(got["labels"], want["labels"], err_msg=mesh)
   assert len(np.unique(want["labels"])) > 1
+
+
+# a windowed preset at the tiny model's size: two scales, flipped, resized back, renormalised
+WINDOWED = features.Preset("windowed", feature="dff", base_size=40, crop_size=SIZE, scales=(0.75, 1.25), flip="mean",
+                           resize_back=True, renormalize=True)
+
+
+def embedded(mesh_name: str) -> list[np.ndarray]:
+  """`Segmenter.embed` on the mesh: native features of 8 images of different
+  sizes (one per device on 8 devices), the windowed preset of two."""
+  s = setup("tiny")
+  seg = Segmenter(s["model"], s["variables"], s["text_params"], s["config"].model, {}, mesh=make_mesh(mesh_name))
+  rng = np.random.default_rng(4)
+  images = [rng.integers(0, 255, (*rng.integers(28, 49, 2), 3), np.uint8) for _ in range(8)]
+  with jax.default_matmul_precision("highest"):
+    return seg.embed(images) + seg.embed(images[:2], preset=WINDOWED)
+
+
+@pytest.fixture(scope="module")
+def one_device_embedded() -> list[np.ndarray]:
+  return embedded("one")
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_embed_equals_one_device(mesh, one_device_embedded):
+  got, want = embedded(mesh), one_device_embedded
+  assert [g.shape for g in got] == [w.shape for w in want]
+  assert_within({f"map {i}": float(np.linalg.norm(g - w) / np.linalg.norm(w)) for i, (g, w) in enumerate(zip(got, want))},
+                TOL, f"{mesh} embed")

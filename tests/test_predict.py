@@ -275,7 +275,7 @@ def test_square_geometry_maps_back_to_the_image_size():
   image = np.asarray(gradient_image(30, 50))
   (ids, logits), = segmenter_of(forward).segment([image], np.ones((2, 4), np.float32),
                                                  geometry=geometry_lib.Geometry(True, 32, 32), return_logits=True)
-  assert seen == [(segmenter.WINDOWS_PER_DEVICE, 32, 32, 3)] and logits.shape == (30, 50, 2)
+  assert seen == [(1, 32, 32, 3)] and logits.shape == (30, 50, 2)  # one window: a batch of one
   square = geometry_lib.square_input(image, 32) / 255.0 * 2 - 1  # CLIP's normalisation
   expected = resize_bilinear_np(square[None, ..., :2].astype(np.float32), (30, 50), align_corners=True)[0]
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)

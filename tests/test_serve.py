@@ -28,7 +28,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from helpers import cpu_env
-from lseg_jax import predict
+from lseg_jax import export, predict
 from lseg_jax.data import shapes
 
 MAX_SIDE = 256  # over the lseg_shapes images' 128-192 px
@@ -39,9 +39,9 @@ LABELS = ",".join(shapes.LABELS)
 class Server:
   """A `python -m lseg_jax.serve` subprocess and its output so far."""
 
-  def __init__(self, checkpoint: Path):
+  def __init__(self, source: Path, kind: str = "--checkpoint"):
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "lseg_jax.serve", "--checkpoint", str(checkpoint), "--port", "0",
+        [sys.executable, "-m", "lseg_jax.serve", kind, str(source), "--port", "0",
          "--max_side", str(MAX_SIDE), "--max_upload_mb", str(MAX_UPLOAD_MB), "--queue", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cpu_env(1))
     self.lines: list[str] = []
@@ -169,6 +169,29 @@ def test_results_equal_predicts(server, trained, pictures, tmp_path):
   assert large["resized"] == f"resized from 400x300 to 256x192 (the server's --max_side {MAX_SIDE})"
   assert (large["width"], large["height"]) == (256, 192)
   assert Image.open(io.BytesIO(decode(large["features"]))).size == (128, 96)  # native: half size
+
+
+def test_an_artifact_serves_the_checkpoints_labels(server, trained, pictures, tmp_path):
+  """--exported: the artifact of the same run gives the same label ids as
+  --checkpoint (it records the run's square resize), and a request for the
+  dense features, which an artifact does not carry, gets one line."""
+  path = tmp_path / "trained.jaxexport"
+  assert export.main(["--checkpoint", str(trained), "--out", str(path), "--platforms", "cpu"]) == 0
+  artifact = Server(path, "--exported")
+  try:
+    with urllib.request.urlopen(f"{artifact.url}/api/info") as r:
+      assert json.loads(r.read())["features"] is False
+    for image in (pictures["shapes0"], pictures["shapes1"]):
+      results = [s.post(upload(image)) for s in (server, artifact)]
+      assert [status for status, _ in results] == [200, 200], results
+      ids = [np.load(io.BytesIO(decode(r["downloads"]["ids.npy"]))) for _, r in results]
+      np.testing.assert_array_equal(ids[1], ids[0])
+      assert len(np.unique(ids[0])) >= 2
+    status, answer = artifact.post(upload(pictures["shapes0"], features=True))
+    assert status == 400 and answer["error"] == "dense features need a checkpoint: this server runs an export artifact"
+  finally:
+    artifact.proc.terminate()
+    artifact.proc.wait(timeout=30)
 
 
 def long_label() -> str:
