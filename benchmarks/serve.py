@@ -5,6 +5,7 @@ One JSON line per (model, protocol).
 
   python benchmarks/serve.py                                # the demo's run and a ViT-B/32 at 480
   python benchmarks/serve.py --models demo --requests 5
+  python benchmarks/serve.py --models clip_vitb32_384 --protocols single
 
 The demo: a 2-step run of configs/demo.py (its model and its 96 px square
 input; the speed does not depend on the weights), on 160x120 images. The
@@ -68,6 +69,7 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--models", default="demo,clip_vitb32_384", help="demo (the trained demo's run) or model presets")
   p.add_argument("--requests", type=int, default=20, help="warm requests per protocol")
+  p.add_argument("--protocols", default="single,multiscale_flip")
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
@@ -87,14 +89,15 @@ def main() -> None:
         h, w = IMAGE_SIZES.get(name, (480, 640))
         buf = io.BytesIO()
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8)).save(buf, "PNG")
-        for multiscale in (False, True):
+        for protocol in args.protocols.split(","):
+          multiscale = {"single": False, "multiscale_flip": True}[protocol]
           payload = json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "labels": LABELS,
                                 "multiscale": multiscale}).encode()
           first = post(url, payload)
           warm = np.array([post(url, payload) for _ in range(args.requests)])
           print(json.dumps({
               "benchmark": "serve", "model": name, "image": f"{w}x{h}",
-              "protocol": "multiscale_flip" if multiscale else "single", "ready_s": round(ready_s, 2),
+              "protocol": protocol, "ready_s": round(ready_s, 2),
               "first_request_s": round(first, 3), "warm_p50_s": round(float(np.percentile(warm, 50)), 3),
               "warm_p95_s": round(float(np.percentile(warm, 95)), 3), "requests": args.requests,
               "first_over_warm": round(first / float(np.percentile(warm, 50)), 2),
