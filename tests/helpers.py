@@ -7,6 +7,8 @@ pytest loads fixtures from conftest.py only; a test module takes the ones
 here by importing them: `from helpers import pascal_fold  # noqa: F401`.
 """
 
+from collections.abc import Callable
+import fcntl
 import importlib.util
 import json
 import os
@@ -43,6 +45,26 @@ def load_config(name: str, arg: str | None = None):
   """(get_config(arg), the file's docstring) of configs/`name`."""
   module = load_module(ROOT / "configs" / name, f"lseg_config_{Path(name).stem}")
   return module.get_config(arg), module.__doc__
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+  """The folder `name`, filled by `build` once per test session, not once per
+  xdist worker (session fixtures are per worker): the first worker to ask
+  builds it under a lock in the temp root the workers share, the others wait
+  for it and read it. Read it, never write it."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # pytest-of-USER/pytest-N/popen-gwK -> pytest-of-USER/pytest-N
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      if path.exists():  # a build that failed in the other worker: its assertion is reported there
+        raise RuntimeError(f"building {name} failed in another worker")
+      path.mkdir()
+      build(path)
+      done.touch()
+  return path
 
 
 train = load_module(ROOT / "train.py", "lseg_train")

@@ -130,10 +130,17 @@ def test_unknown_attention_is_refused():
     build_model(get_model_config("tiny", attention="flash"))
 
 
-def test_compiled_memory_sums_its_fields():
-  compiled = jax.jit(lambda x: (x @ x).sum()).lower(jnp.ones((256, 256))).compile()
+def test_compiled_memory_reads_the_buffer_sizes():
+  """Two 36 MB float32 inputs, the first donated to the first 36 MB output:
+  fields large enough that GiB rounded to 3 places tells them apart (and off
+  a rounding tie), and an alias that `total` must subtract."""
+  n = 3000
+  size = n * n * 4  # bytes of one [n, n] float32 array
+  x = jax.ShapeDtypeStruct((n, n), jnp.float32)
+  compiled = jax.jit(lambda a, b: (a @ b + 1.0, (a @ b.T).sum()), donate_argnums=0).lower(x, x).compile()
   mem = sharding.compiled_memory_gib(compiled)
-  assert mem["argument"] == round(256 * 256 * 4 / 2**30, 3)
+  gib = lambda nbytes: round(nbytes / 2**30, 3)
+  assert (mem["argument"], mem["output"], mem["alias"]) == (gib(2 * size), gib(size), gib(size)), mem
   assert mem["total"] == pytest.approx(mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
                                        + mem["generated_code"], abs=2e-3)
 

@@ -7,6 +7,7 @@ schedule's horizon: every run here has the same config, so their steps are
 comparable one by one.
 """
 
+import json
 import shutil
 import signal
 import socket
@@ -117,8 +118,13 @@ def test_a_two_process_checkpoint_resumes_on_another_process_count(shapes_config
 def test_a_checkpoint_resumes_on_another_mesh(shapes_config, finished_run, tmp_path):
   """conftest's 1-device run (checkpoints 2, 4, 6), cut back and resumed in
   turn: 1 device -> data2 x fsdp4 (8 devices), whose checkpoint 4 then
-  resumes on 1 device. Every resumed step has the uninterrupted run's loss."""
+  resumes on 1 device. Every resumed step has the uninterrupted run's loss,
+  gradient norm, parameter norm and pixel accuracy, and the final evaluation
+  on data2 x fsdp4 the one-device run's mIoU (train.py's whole loop, sharded
+  input included, on a mesh; every mesh's step is in test_mesh_table)."""
   reference = losses_by_step(finished_run)
+  validation = [m for m in map(json.loads, (finished_run / "metrics.jsonl").read_text().splitlines())
+                if "validation/mIoU" in m][-1]
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
   fsdp, one = (("data", 2), ("fsdp", 4)), (("data", 1),)
@@ -126,9 +132,11 @@ def test_a_checkpoint_resumes_on_another_mesh(shapes_config, finished_run, tmp_p
     for step in checkpoint.finished_steps(workdir):
       if step > keep:
         shutil.rmtree(workdir / "checkpoints" / str(step))  # as if the run had stopped after `keep`
-    train.train_and_evaluate(tiny_config(shapes_config, mesh=mesh), workdir)
+    scores = train.train_and_evaluate(tiny_config(shapes_config, mesh=mesh), workdir)
     logged = losses_by_step(workdir)
     for step in range(keep + 1, 7):
-      np.testing.assert_allclose(logged[step]["loss"], reference[step]["loss"], rtol=1e-5,
-                                 err_msg=f"step {step} on {mesh}")
+      for key in ("loss", "grad_norm", "param_norm", "pixel_acc"):
+        np.testing.assert_allclose(logged[step][key], reference[step][key], rtol=1e-5,
+                                   err_msg=f"{key} at step {step} on {mesh}")
+    assert validation["step"] == 6 and abs(scores["mIoU"] - validation["validation/mIoU"]) < 1e-6, (scores, mesh)
     assert checkpoint.latest_step(workdir) == 6

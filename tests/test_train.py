@@ -5,7 +5,6 @@ their device count from XLA_FLAGS.
 """
 
 import json
-import socket
 import time
 
 import numpy as np
@@ -50,27 +49,6 @@ def test_loss_falls_and_the_run_leaves_a_checkpoint(shapes_config, tmp_path):
   assert list((tmp_path / "tb").iterdir())  # TensorBoard events
 
 
-@pytest.fixture(scope="module")
-def single_device_run(shapes_config, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("one_device")
-  scores = train.train_and_evaluate(tiny_config(shapes_config, total_steps=3, ckpt_every=0, mesh=(("data", 1),)),
-                                    workdir)
-  return scores, losses_by_step(workdir)
-
-
-def test_sharded_steps_equal_a_single_device(shapes_config, single_device_run, tmp_path):
-  """train.py's whole loop (sharded input included) on data2 x fsdp4; every
-  mesh's step is in test_mesh_table."""
-  mesh = (("data", 2), ("fsdp", 4))
-  one, a = single_device_run
-  many = train.train_and_evaluate(tiny_config(shapes_config, total_steps=3, ckpt_every=0, mesh=mesh), tmp_path)
-  b = losses_by_step(tmp_path)
-  for step in (1, 2, 3):
-    for key in ("loss", "grad_norm", "param_norm", "pixel_acc"):
-      np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, err_msg=f"{key} at step {step}")
-  assert abs(one["mIoU"] - many["mIoU"]) < 1e-6
-
-
 def test_resume_is_exact_after_kill_9_and_after_a_corrupt_checkpoint(shapes_config, reference, tmp_path):
   # The evaluation at step 4 compiles its step (seconds): the kill lands in
   # it, after checkpoint 4 and before step 5. eval_every does not change
@@ -105,21 +83,6 @@ def test_resume_is_exact_after_kill_9_and_after_a_corrupt_checkpoint(shapes_conf
   logged = losses_by_step(tmp_path)
   for step in (5, 6):
     assert logged[step]["loss"] == reference[step]["loss"], step
-
-
-def test_two_processes_give_the_losses_of_one(shapes_config, reference, tmp_path):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = [run_script(["--workdir", str(tmp_path), f"--coordinator_address=localhost:{port}",
-                       "--num_processes=2", f"--process_id={i}", *flag_args(shapes_config)], devices=4)
-           for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  logged = losses_by_step(tmp_path)
-  for step in range(1, 7):
-    np.testing.assert_allclose(logged[step]["loss"], reference[step]["loss"], rtol=1e-5, err_msg=str(step))
 
 
 def test_nonfinite_loss_stops_naming_the_step(shapes_config, tmp_path):
