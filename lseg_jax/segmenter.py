@@ -33,6 +33,10 @@ from lseg_jax.models import LSeg, build_model, presets
 from lseg_jax.models.layers import upsample2x
 
 WINDOWS_PER_DEVICE = 4  # windows each device runs per step
+# Bytes of window feature maps one device step may return: a 480 px dff or
+# vlmaps map is 472 MB, so those run one window per step (measured on the
+# CPU: two in one step were 0.69x as fast as two steps of one).
+WINDOW_MAPS_PER_STEP = 512e6
 
 def logits_gb(h: int, w: int, num_labels: int, geometry: geometry_lib.Geometry, ms: inference.MultiScale) -> float:
   """Peak device memory, in GB, of one image's float32 logits: the summed
@@ -247,15 +251,22 @@ class Segmenter:
     if self.window is not None and crop != self.window:
       raise ValueError(f"this artifact runs {self.window} px windows; preset {preset.name} needs {crop} px ones for a "
                        f"{image.shape[1]}x{image.shape[0]} image: export with --window {crop}")
-    batch = WINDOWS_PER_DEVICE * len(self.mesh.devices.flat)  # one device step: windows and, flipped, mirrors
+    batch = self.windows_per_step(preset.feature, crop) * len(self.mesh.devices.flat)  # windows and mirrors
     return features_lib.preset_features(self.window_features(preset.feature, crop),
                                         transforms.normalize(image, mean, std), preset, -mean / std, crop,
                                         chunk=max(1, batch // 2 if preset.flip != "none" else batch))
 
+  def windows_per_step(self, feature: str, crop: int) -> int:
+    """Windows per device step: WINDOWS_PER_DEVICE, or as many of their
+    WINDOW_FEATURES[feature] maps as fit WINDOW_MAPS_PER_STEP (at least 1)."""
+    head1 = jax.ShapeDtypeStruct((1, crop // 2, crop // 2, self.model_config.text.embed_dim), jnp.float32)
+    out = jax.eval_shape(features_lib.WINDOW_FEATURES[feature], head1)
+    return int(max(1, min(WINDOWS_PER_DEVICE, WINDOW_MAPS_PER_STEP // (out.size * out.dtype.itemsize))))
+
   def window_features(self, feature: str, crop: int) -> features_lib.WindowFeatures:
     """windows [K, crop, crop, 3] -> WINDOW_FEATURES[feature] of each, run in
-    batches of WINDOWS_PER_DEVICE per device, the last one cut to a multiple
-    of the device count (at most WINDOWS_PER_DEVICE compiles)."""
+    batches of `windows_per_step` per device, the last one cut to a multiple
+    of the device count (at most that many compiles)."""
     key = ("windows", feature, crop)
     if key not in self._compiled:
       split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.mesh.axis_names))
@@ -263,7 +274,7 @@ class Segmenter:
       self._compiled[key] = jax.jit(lambda params, x: fn(self.model.apply(params, x, method=LSeg.pixel_features)),
                                     in_shardings=(sharding.replicated(self.mesh), split), out_shardings=split)
     devices = len(self.mesh.devices.flat)
-    step, batch = self._compiled[key], WINDOWS_PER_DEVICE * devices
+    step, batch = self._compiled[key], self.windows_per_step(feature, crop) * devices
 
     def run(windows: np.ndarray) -> np.ndarray:
       out = []

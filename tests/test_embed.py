@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 
 from helpers import ROOT, cpu_env, random_variables
-from lseg_jax import checkpoint, embed as embed_cli, export, features
+from lseg_jax import checkpoint, embed as embed_cli, export, features, segmenter
 from lseg_jax.data import transforms
 from lseg_jax.models import build_model, get_model_config
 from lseg_jax.models.layers import resize_bilinear_np
@@ -384,6 +384,20 @@ def test_presets_reproduce_the_published_recipes(model_dir, name, hw, out_hw):
                "dff": lambda net, x: reference_dff(net, x, small["base_size"], small["crop_size"], small["pre_size"])
                }[name]
   check_preset(model_dir, preset, hw, out_hw, reference)
+
+
+def test_window_steps_are_sized_by_their_maps(model_dir, monkeypatch):
+  """dff's windows (4 scales, mirrored) one per device step, when one map
+  fills WINDOW_MAPS_PER_STEP, give the features of four per step."""
+  seg = Segmenter.load(model_dir[0])
+  preset = dataclasses.replace(features.PRESETS["dff"], **SMALL["dff"])
+  crop, image = preset.crop_size, random_image(50, 75, 7)
+  assert seg.windows_per_step("dff", crop) == segmenter.WINDOWS_PER_DEVICE  # the tiny model's maps are small
+  (four,) = seg.embed([image], preset=preset)
+  monkeypatch.setattr(segmenter, "WINDOW_MAPS_PER_STEP", 1.5 * crop * crop * 32 * 4)  # 1.5 float32 [c, c, 32] maps
+  assert seg.windows_per_step("dff", crop) == 1 and seg.windows_per_step("unit", crop) == 4
+  (one,) = seg.embed([image], preset=preset)
+  np.testing.assert_allclose(one, four, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
