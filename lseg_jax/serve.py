@@ -65,8 +65,15 @@ class Options:
 
   @classmethod
   def parse(cls, payload: dict) -> "Options":
+    raw = payload.get("labels", "")
+    if isinstance(raw, list) and all(isinstance(label, str) for label in raw):  # an API client's JSON list
+      if any("," in label for label in raw):
+        raise RequestError(400, "a label may not contain a comma")
+      raw = ",".join(raw)
+    if not isinstance(raw, str):
+      raise RequestError(400, "labels must be one comma-separated string or a list of strings")
     try:
-      labels = labels_lib.parse_labels(str(payload.get("labels", "")))
+      labels = labels_lib.parse_labels(raw)
     except ValueError as e:
       raise RequestError(400, str(e)) from None
     template = str(payload.get("template") or "{}")

@@ -157,6 +157,8 @@ def test_results_equal_predicts(server, trained, pictures, tmp_path):
   assert [p["name"] for p in single["present"]] == [shapes.LABELS[i] for i in np.unique(expected)]
   assert len(single["present"]) >= 2 and set(single["heatmaps"]) == {str(p["id"]) for p in single["present"]}
   assert single["resized"] is None and (single["width"], single["height"]) == Image.open(image).size
+  status, listed = server.post(upload(image, labels=[label.strip() for label in LABELS.split(",")]))  # a JSON list
+  assert status == 200 and listed["labels"] == single["labels"] and listed["downloads"] == single["downloads"], listed
 
   status, multi = server.post(upload(image, multiscale=True))
   assert status == 200, multi
@@ -207,6 +209,8 @@ def long_label() -> str:
     (dict(labels="dog, Dog"), 400, "duplicate label 'Dog'"),
     (dict(labels=f"dog, {long_label()}"), 400, "is too long for context length 77"),
     (dict(labels="dog, cat", template="a photo"), 400, "has no {} for the label"),
+    (dict(labels=["dog", 3]), 400, "labels must be one comma-separated string or a list of strings"),
+    (dict(labels=["dog", "cat, mouse"]), 400, "a label may not contain a comma"),
 ])
 def test_bad_requests_get_one_line(server, pictures, payload, status, message):
   got, answer = server.post({**upload(pictures["shapes1"]), **payload})
