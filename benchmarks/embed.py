@@ -8,10 +8,11 @@ kernels on the same frames. One JSON line per (model, frame size, preset).
   python benchmarks/embed.py --model clip_vitl16_384 --sizes 240,320 --presets native,openscene
   python benchmarks/embed.py --model tiny --frames 2                # a quick look
 
-Random weights, random frames. frames_per_s: after one frame that compiles.
-host_peak_mb: the peak of host (numpy) allocations while embedding the timed
-frames (tracemalloc; on a CPU the device buffers live in host memory too,
-outside it); device_peak_mb where the backend reports it (GPU, TPU).
+Random weights, random frames. frames_per_s: one over the median time of a
+frame, after one frame that compiles; the two paths take turns frame by frame.
+host_peak_mb: the peak of host (numpy) allocations while embedding a timed
+frame, over what was held before it (tracemalloc; on a CPU the device
+buffers live in host memory too, outside it); device_peak_mb where the backend reports it (GPU, TPU).
 device_over_host_loop: how many times faster the device path is. max_abs_diff:
 the two paths' largest difference (the same recipe: float32 rounding only).
 """
@@ -60,15 +61,27 @@ def host_loop(seg: Segmenter, preset: features_lib.Preset):
   return run
 
 
-def timed(run, frames) -> tuple[float, float, list[np.ndarray]]:
-  run(frames[0])  # compiles
+def interleaved(runs: dict, frames) -> dict:
+  """Times each path frame by frame, the paths taking turns (their order
+  alternating between frames), so that a change in the machine's load moves
+  both alike. -> {path: (median seconds per frame, host peak MB, outputs)}.
+  Each path's first call compiles and is not timed."""
+  for run in runs.values():
+    run(frames[0])
+  seconds = {name: [] for name in runs}
+  peak = dict.fromkeys(runs, 0.0)
+  out = {name: [] for name in runs}
   tracemalloc.start()
-  t0 = time.perf_counter()
-  out = [run(f) for f in frames]
-  rate = len(frames) / (time.perf_counter() - t0)
-  peak = tracemalloc.get_traced_memory()[1] / 2**20
+  for i, frame in enumerate(frames):
+    for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+      held = tracemalloc.get_traced_memory()[0]  # both paths' earlier outputs: not this call's
+      tracemalloc.reset_peak()
+      t0 = time.perf_counter()
+      out[name].append(runs[name](frame))
+      seconds[name].append(time.perf_counter() - t0)
+      peak[name] = max(peak[name], (tracemalloc.get_traced_memory()[1] - held) / 2**20)
   tracemalloc.stop()
-  return rate, peak, out
+  return {name: (float(np.median(seconds[name])), peak[name], out[name]) for name in runs}
 
 
 def main() -> None:
@@ -85,14 +98,15 @@ def main() -> None:
     frames = [rng.integers(0, 255, (h, w, 3), np.uint8) for _ in range(args.frames)]
     for name in args.presets.split(","):
       preset = features_lib.PRESETS[name]
-      device_rate, device_peak, device_out = timed(lambda f: seg.embed([f], preset=preset)[0], frames)
+      timings = interleaved({"device": lambda f: seg.embed([f], preset=preset)[0],
+                             "host_loop": host_loop(seg, preset)}, frames)
+      (device_s, device_peak, device_out), (host_s, host_peak, host_out) = timings["device"], timings["host_loop"]
       stats = jax.devices()[0].memory_stats() or {}
-      host_rate, host_peak, host_out = timed(host_loop(seg, preset), frames)
       print(json.dumps({
           "benchmark": "embed", "model": args.model, "frame": f"{w}x{h}", "preset": name, "frames": args.frames,
           "output": "x".join(map(str, device_out[0].shape)),
-          "device_frames_per_s": round(device_rate, 4), "host_loop_frames_per_s": round(host_rate, 4),
-          "device_over_host_loop": round(device_rate / host_rate, 3),
+          "device_frames_per_s": round(1 / device_s, 4), "host_loop_frames_per_s": round(1 / host_s, 4),
+          "device_over_host_loop": round(host_s / device_s, 3),
           "device_path_host_peak_mb": round(device_peak, 1), "host_loop_host_peak_mb": round(host_peak, 1),
           "device_peak_mb": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
           "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(device_out, host_out))),
