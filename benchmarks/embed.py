@@ -12,7 +12,8 @@ Random weights, random frames. frames_per_s: one over the median time of a
 frame, after one frame that compiles; the two paths take turns frame by frame.
 host_peak_mb: the peak of host (numpy) allocations while embedding a timed
 frame, over what was held before it (tracemalloc; on a CPU the device
-buffers live in host memory too, outside it); device_peak_mb where the backend reports it (GPU, TPU).
+buffers live in host memory too, outside it); device_peak_mb where the
+backend reports it (GPU, TPU).
 device_over_host_loop: how many times faster the device path is. max_abs_diff:
 the two paths' largest difference (the same recipe: float32 rounding only).
 """

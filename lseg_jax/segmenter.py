@@ -35,8 +35,9 @@ from lseg_jax.models.layers import upsample2x
 WINDOWS_PER_DEVICE = 4  # windows each device runs per step
 # Bytes of window feature maps one device step may return: a 480 px dff or
 # vlmaps map is 472 MB and openscene's 640 px one 210 MB, so those run one
-# window per step (measured on the CPU, ViT-L/16: two in one step were 0.69x
-# (vlmaps) and 0.83x (openscene) as fast as two steps of one).
+# window per step (measured on the CPU: two in one step were 0.69x as fast
+# as two steps of one for vlmaps with ViT-B/32, 0.83x for openscene with
+# ViT-L/16).
 WINDOW_MAPS_PER_STEP = 256e6
 
 def logits_gb(h: int, w: int, num_labels: int, geometry: geometry_lib.Geometry, ms: inference.MultiScale) -> float:
