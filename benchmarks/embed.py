@@ -1,8 +1,9 @@
 r"""Dense features per preset, side by side: `Segmenter.embed` (windows in
-fixed batches over the devices, each batch's maps added into the sum as it
-returns) against the published recipes' structure (a host loop: one frame
-at a time, one window at a time, its mirror after it), timed with the same
-kernels on the same frames. One JSON line per (model, frame size, preset).
+fixed batches on the devices, each window's map folded into the frame's map
+there) against the published recipes' structure (a host loop: one frame at
+a time, one window at a time, its mirror after it, the maps merged in
+numpy), timed with the same network on the same frames. One JSON line per
+(model, frame size, preset).
 
   python benchmarks/embed.py                                       # ViT-B/32, 240x320 and 480x640, every preset
   python benchmarks/embed.py --model clip_vitl16_384 --sizes 240,320 --presets native,openscene
@@ -10,18 +11,18 @@ kernels on the same frames. One JSON line per (model, frame size, preset).
 
 Random weights, random frames. frames_per_s: one over the median time of a
 frame, after one frame that compiles; the two paths take turns frame by frame.
-host_peak_mb: the peak of host (numpy) allocations while embedding a timed
-frame, over what was held before it (tracemalloc; on a CPU the device
-buffers live in host memory too, outside it); device_peak_mb where the
-backend reports it (GPU, TPU).
+rss_peak_mb: the process's resident-memory peak while embedding a timed
+frame, over what was resident before it (Linux VmHWM, reset before each
+call): every host allocation, and on a CPU the device buffers too;
+device_peak_mb where the backend reports it (GPU, TPU).
 device_over_host_loop: how many times faster the device path is. max_abs_diff:
 the two paths' largest difference (the same recipe: float32 rounding only).
 """
 
 import argparse
 import json
+from pathlib import Path
 import time
-import tracemalloc
 
 import flax.linen as nn
 import jax
@@ -53,35 +54,36 @@ def host_loop(seg: Segmenter, preset: features_lib.Preset):
   one = jax.jit(lambda params, x: fn(seg.model.apply(params, x, method=LSeg.pixel_features)))
   forward = lambda windows: np.concatenate([np.asarray(one(seg.params, x[None])) for x in windows])
 
-  def run(frame: np.ndarray) -> np.ndarray:
-    h, w = frame.shape[:2]
-    crop = features_lib.openscene_crop(h, w) if preset.name == "openscene" else preset.crop_size
-    return features_lib.preset_features(forward, transforms.normalize(frame, mean, std), preset, -mean / std, crop,
-                                        chunk=1)
+  return lambda frame: features_lib.preset_features(forward, transforms.normalize(frame, mean, std), preset,
+                                                    -mean / std)
 
-  return run
+
+def resident_mb(field: str) -> float:
+  """VmRSS (now) or VmHWM (the peak since the last reset) of this process, MB."""
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith(field + ":"):
+      return int(line.split()[1]) / 1024
+  raise KeyError(field)
 
 
 def interleaved(runs: dict, frames) -> dict:
   """Times each path frame by frame, the paths taking turns (their order
   alternating between frames), so that a change in the machine's load moves
-  both alike. -> {path: (median seconds per frame, host peak MB, outputs)}.
+  both alike. -> {path: (median seconds per frame, resident peak MB, outputs)}.
   Each path's first call compiles and is not timed."""
   for run in runs.values():
     run(frames[0])
   seconds = {name: [] for name in runs}
   peak = dict.fromkeys(runs, 0.0)
   out = {name: [] for name in runs}
-  tracemalloc.start()
   for i, frame in enumerate(frames):
     for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
-      held = tracemalloc.get_traced_memory()[0]  # both paths' earlier outputs: not this call's
-      tracemalloc.reset_peak()
+      Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+      held = resident_mb("VmRSS")  # the weights, compiled code, earlier outputs: not this call's
       t0 = time.perf_counter()
       out[name].append(runs[name](frame))
       seconds[name].append(time.perf_counter() - t0)
-      peak[name] = max(peak[name], (tracemalloc.get_traced_memory()[1] - held) / 2**20)
-  tracemalloc.stop()
+      peak[name] = max(peak[name], resident_mb("VmHWM") - held)
   return {name: (float(np.median(seconds[name])), peak[name], out[name]) for name in runs}
 
 
@@ -108,7 +110,7 @@ def main() -> None:
           "output": "x".join(map(str, device_out[0].shape)),
           "device_frames_per_s": round(1 / device_s, 4), "host_loop_frames_per_s": round(1 / host_s, 4),
           "device_over_host_loop": round(host_s / device_s, 3),
-          "device_path_host_peak_mb": round(device_peak, 1), "host_loop_host_peak_mb": round(host_peak, 1),
+          "device_path_rss_peak_mb": round(device_peak, 1), "host_loop_rss_peak_mb": round(host_peak, 1),
           "device_peak_mb": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
           "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(device_out, host_out))),
           "devices": jax.device_count(), "platform": jax.devices()[0].platform}), flush=True)

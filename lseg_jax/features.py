@@ -33,6 +33,14 @@ lseg_feature_extraction 60afac4, vlmaps 58060f9, distilled-feature-fields
 Every resize is bilinear without antialiasing, as PyTorch's interpolate.
 Their storage (float16, channels first) is the caller's: `embed` returns
 float32 [h, w, D].
+
+Two implementations: `preset_features`, the host transcription (one window
+at a time, merged in numpy as the sources merge); and `Segmenter.embed`,
+which states each recipe's merge as an `inference.MultiScale` (`merge_rule`)
+and runs it as the multi-scale segmenter runs logits: windows cut, run and
+folded into the output map on the devices, where the per-window maps (a
+480 px window's x2 map is 472 MB in float32) stay; only the finished
+features reach the host.
 """
 
 from collections.abc import Callable
@@ -44,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lseg_jax import inference
-from lseg_jax.models.layers import resize_bilinear_np, upsample2x
+from lseg_jax.models.layers import resize_bilinear, resize_bilinear_np, upsample2x
 
 LOGIT_SCALE = 1 / 0.07  # lang-seg's constant logit_scale (never loaded from a checkpoint)
 DFF_SIZE = (360, 480)  # encode_images.py: (h, w) outside Replica / ScanNet
@@ -97,14 +105,12 @@ WINDOW_FEATURES: dict[str, Callable[[jax.Array], jax.Array]] = {
 WindowFeatures = Callable[[np.ndarray], np.ndarray]
 
 
-def _with_flip(forward: WindowFeatures, windows: list[np.ndarray], flip: str) -> list[np.ndarray]:
-  """Each window's map, plus (flip "sum") or averaged with ("mean") its mirror's, mirrored back."""
+def _with_flip(forward: WindowFeatures, window: np.ndarray, flip: str) -> np.ndarray:
+  """The window's map, plus (flip "sum") or averaged with ("mean") its mirror's, mirrored back."""
   if flip == "none":
-    return list(forward(np.stack(windows)))
-  maps = forward(np.stack(windows + [w[:, ::-1] for w in windows]))
-  n = len(windows)
-  pairs = [maps[i] + maps[n + i][:, ::-1] for i in range(n)]
-  return [p / 2 for p in pairs] if flip == "mean" else pairs
+    return forward(window[None])[0]
+  pair = forward(window[None])[0] + forward(window[None, :, ::-1])[0][:, ::-1]
+  return pair / 2 if flip == "mean" else pair
 
 
 def openscene_crop(h: int, w: int, multiple: int = 32) -> int:
@@ -112,23 +118,45 @@ def openscene_crop(h: int, w: int, multiple: int = 32) -> int:
   return -(-2 * max(h, w) // multiple) * multiple
 
 
-def preset_features(forward: WindowFeatures, image: np.ndarray, preset: Preset, pad_value: np.ndarray,
-                    crop_size: int | None = None, chunk: int = 4) -> np.ndarray:
+def pre_resize(image: np.ndarray, preset: Preset) -> np.ndarray:
+  """dff's first step: a normalised image [H, W, 3] wider than pre_size resized to it."""
+  if preset.pre_size is not None and image.shape[1] > preset.pre_size[1]:
+    return resize_bilinear_np(image[None], preset.pre_size, align_corners=True)[0]
+  return image
+
+
+def merge_rule(h: int, w: int, preset: Preset) -> inference.MultiScale:
+  """How the recipe windows, flips and merges an h x w (pre-resized) image,
+  as the multi-scale segmenter states it. openscene: one window of the
+  image resized x2, head1's half-resolution map cropped to h x w."""
+  flip, mean = preset.flip != "none", preset.flip == "mean"
+  if preset.name == "openscene":
+    return inference.MultiScale(scales=(1.0,), flip=flip, flip_mean=mean, base_size=2 * max(h, w),
+                                crop_size=openscene_crop(h, w), resize_back=False, map_stride=2)
+  return inference.MultiScale(scales=preset.scales, flip=flip, flip_mean=mean, base_size=preset.base_size,
+                              crop_size=preset.crop_size, resize_back=preset.resize_back)
+
+
+def finish(features: jax.Array, preset: Preset) -> jax.Array:
+  """The merged map [h, w, D] -> the recipe's output: resized to out_size
+  (align_corners=False) and renormalised, where the recipe does."""
+  if preset.out_size is not None and features.shape[:2] != preset.out_size:
+    features = resize_bilinear(features[None], preset.out_size, align_corners=False)[0]
+  return _normalized(features, eps=1e-12) if preset.renormalize else features
+
+
+def preset_features(forward: WindowFeatures, image: np.ndarray, preset: Preset, pad_value: np.ndarray
+                    ) -> np.ndarray:
   """The recipe's features [h, w, D] float32 of a normalised image [H, W, 3]
-  (float32), `forward` running its windows (crop_size x crop_size: the
-  preset's, or openscene's `openscene_crop`) `chunk` at a time (with their
-  mirrors): each chunk's maps are added into the scale's sum as they come,
-  so memory holds one chunk of window maps (a 480 px window's x2 map is
-  470 MB in float32), not a scale's."""
+  (float32) on the host, as the source loops: `forward` runs one window
+  (the preset's crop, or openscene's `openscene_crop`), then its mirror."""
   h, w = image.shape[:2]
   if preset.name == "openscene":
-    crop = crop_size or openscene_crop(h, w)
+    crop = openscene_crop(h, w)
     resized = resize_bilinear_np(image[None], inference.scaled_size(h, w, 2 * max(h, w)), align_corners=True)[0]
-    (features,) = _with_flip(forward, [inference.pad_to(resized, crop, pad_value)], preset.flip)
-    return features[:h, :w]
-  if preset.pre_size is not None and w > preset.pre_size[1]:
-    image = resize_bilinear_np(image[None], preset.pre_size, align_corners=True)[0]
-    h, w = image.shape[:2]
+    return _with_flip(forward, inference.pad_to(resized, crop, pad_value), preset.flip)[:h, :w]
+  image = pre_resize(image, preset)
+  h, w = image.shape[:2]
   ms = inference.MultiScale(scales=preset.scales, flip=False, base_size=preset.base_size, crop_size=preset.crop_size)
   crop = preset.crop_size
   scores = None
@@ -137,14 +165,12 @@ def preset_features(forward: WindowFeatures, image: np.ndarray, preset: Preset, 
     resized = resize_bilinear_np(image[None], (g.height, g.width), align_corners=True)[0]
     padded = inference.pad_to(resized, crop, pad_value)  # [*g.canvas, 3]
     out, count = None, np.zeros((*g.canvas, 1), np.float32)
-    for start in range(0, len(g.windows), chunk):
-      group = g.windows[start:start + chunk]
-      windows = [inference.pad_to(padded[h0:h1, w0:w1], crop, pad_value) for h0, h1, w0, w1 in group]
-      for (h0, h1, w0, w1), m in zip(group, _with_flip(forward, windows, preset.flip)):
-        if out is None:
-          out = np.zeros((*g.canvas, m.shape[-1]), np.float32)
-        out[h0:h1, w0:w1] += m[:h1 - h0, :w1 - w0]
-        count[h0:h1, w0:w1] += 1
+    for h0, h1, w0, w1 in g.windows:
+      m = _with_flip(forward, inference.pad_to(padded[h0:h1, w0:w1], crop, pad_value), preset.flip)
+      if out is None:
+        out = np.zeros((*g.canvas, m.shape[-1]), np.float32)
+      out[h0:h1, w0:w1] += m[:h1 - h0, :w1 - w0]
+      count[h0:h1, w0:w1] += 1
     out = (out / count)[:g.height, :g.width]
     if preset.resize_back:
       out = resize_bilinear_np(out[None], (h, w), align_corners=True)[0]

@@ -48,8 +48,9 @@ from lseg_jax.models.layers import interpolation_taps, resize_bilinear_np
 
 # (K, crop, crop, 3) windows -> (K, crop, crop, N) logits, on the host
 WindowForward = Callable[[np.ndarray], np.ndarray]
-# (params, windows [K, c, c, 3], text [K, N, D], label_mask [K, N]) -> logits [K, c, c, N], traceable
-DeviceForward = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+# (params, windows [K, c, c, 3], *per-window inputs) -> maps [K, c / map_stride, c / map_stride, C],
+# traceable: the segmenter's inputs are (text [K, N, D], label_mask [K, N]) and its maps the logits
+DeviceForward = Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,13 @@ class MultiScale:
   base_size: int = 520
   crop_size: int = 480
   stride_rate: float = 2.0 / 3.0
+  # How the dense-feature recipes (`lseg_jax.features`) merge instead: the
+  # mirrored pair averaged, not summed; each scale's map left at its resized
+  # size, not resized back; window maps at 1/map_stride of the window's
+  # resolution (one window only: head1's own output).
+  flip_mean: bool = False
+  resize_back: bool = True
+  map_stride: int = 1
 
 
 # ------------------------------------------------------------------ geometry (shared)
@@ -185,37 +193,55 @@ def _cover(starts: Sequence[int], crop: int, size: int) -> np.ndarray:
   return count
 
 
-def _window_side(in_taps, out_taps, n_valid: int, start: int, count: np.ndarray, crop: int, flip: bool
-                 ) -> dict[str, np.ndarray]:
+def _window_side(in_taps, out_taps, n_valid: int, start: int, count: np.ndarray, crop: int, flip: bool,
+                 map_stride: int = 1, weight: float = 1.0) -> dict[str, np.ndarray]:
   """One axis of one window: the taps that cut its pixels from the image
-  (`cut_*`, `ok`: inside the resized image) and those that spread its logits
-  over the output (`put_*`: window index, tap weight / window count)."""
+  (`cut_*`, `ok`: inside the resized image) and those that spread its map
+  (side crop / map_stride) over the output (`put_*`: map index, tap weight
+  x `weight` / window count)."""
   pos = start + (np.arange(crop)[::-1] if flip else np.arange(crop))  # canvas index of each window pixel
   ok = pos < n_valid
   cut_idx, cut_w = in_taps[0][np.minimum(pos, n_valid - 1)], in_taps[1][np.minimum(pos, n_valid - 1)]
   src, w = out_taps
-  local = src - start  # [n_out, 2] index within the window
-  inside = (local >= 0) & (local < crop) & (w != 0)
-  put_w = np.where(inside, w / count[np.minimum(src, len(count) - 1)], 0).astype(np.float32)
-  local = np.clip(local, 0, crop - 1)
+  side = crop // map_stride
+  local = src - start // map_stride  # [n_out, 2] index within the window's map
+  inside = (local >= 0) & (local < side) & (w != 0)
+  put_w = np.where(inside, w * np.float32(weight) / count[np.minimum(src, len(count) - 1)], 0).astype(np.float32)
+  local = np.clip(local, 0, side - 1)
   return {"cut_idx": cut_idx, "cut_w": cut_w, "ok": ok,
-          "put_idx": (crop - 1 - local if flip else local).astype(np.int32), "put_w": put_w}
+          "put_idx": (side - 1 - local if flip else local).astype(np.int32), "put_w": put_w}
+
+
+def target_size(h: int, w: int, ms: MultiScale) -> tuple[int, int]:
+  """The size the merged map of an h x w image has: the image's, or
+  (resize_back False: one scale) its resized size at the maps' resolution."""
+  if ms.resize_back:
+    return h, w
+  if len(ms.scales) != 1:
+    raise ValueError(f"scales {ms.scales}: summing several scales needs resize_back")
+  g = scale_geometry(h, w, ms.scales[0], ms)
+  return g.height // ms.map_stride, g.width // ms.map_stride
 
 
 def window_plans(h: int, w: int, ms: MultiScale, out_hw: tuple[int, int], slot: int) -> list[dict[str, np.ndarray]]:
-  """Per-window arrays of an h x w image whose summed logits go to an
+  """Per-window arrays of an h x w image whose summed maps go to an
   out_hw-padded map: every window of every scale, then its mirror."""
-  crop, plans = ms.crop_size, []
+  crop, stride, plans = ms.crop_size, ms.map_stride, []
+  weight = 0.5 if ms.flip and ms.flip_mean else 1.0
   for scale in ms.scales:
     g = scale_geometry(h, w, scale, ms)
+    if stride != 1 and len(g.windows) != 1:
+      raise ValueError(f"maps at 1/{stride} of the window need one window per scale; {len(g.windows)} at {scale}")
+    th, tw = target_size(h, w, ms)
     in_r, in_c = resample_taps(h, g.height, g.height), resample_taps(w, g.width, g.width)
-    out_r, out_c = resample_taps(g.height, h, out_hw[0]), resample_taps(g.width, w, out_hw[1])
-    row_count = _cover(sorted({h0 for h0, *_ in g.windows}), crop, g.canvas[0])
-    col_count = _cover(sorted({w0 for _, _, w0, _ in g.windows}), crop, g.canvas[1])
+    out_r = resample_taps(g.height // stride, th, out_hw[0])
+    out_c = resample_taps(g.width // stride, tw, out_hw[1])
+    row_count = _cover(sorted({h0 // stride for h0, *_ in g.windows}), crop // stride, g.canvas[0] // stride)
+    col_count = _cover(sorted({w0 // stride for _, _, w0, _ in g.windows}), crop // stride, g.canvas[1] // stride)
     for flip in (False, True) if ms.flip else (False,):
       for h0, _, w0, _ in g.windows:
-        rows = _window_side(in_r, out_r, g.height, h0, row_count, crop, False)
-        cols = _window_side(in_c, out_c, g.width, w0, col_count, crop, flip)
+        rows = _window_side(in_r, out_r, g.height, h0, row_count, crop, False, stride, weight)
+        cols = _window_side(in_c, out_c, g.width, w0, col_count, crop, flip, stride)
         plans.append({"slot": np.int32(slot), **{f"row_{k}": v for k, v in rows.items()},
                       **{f"col_{k}": v for k, v in cols.items()}})
   return plans
@@ -248,16 +274,16 @@ def _cut_window(image: jax.Array, plan: dict, pad_value: jax.Array) -> jax.Array
 
 
 def _window_step(forward: DeviceForward, pad_value: np.ndarray, params, sums: jax.Array, images: jax.Array,
-                 text: jax.Array, label_mask: jax.Array, plan: dict) -> jax.Array:
-  """One device's step: cut its K windows, run them, add each one's share
-  into its image's sums [b, H, W, N]."""
+                 per_slot: tuple, plan: dict) -> jax.Array:
+  """One device's step: cut its K windows, run them (with their images'
+  `per_slot` inputs), add each one's share into its image's sums [b, H, W, C]."""
   slot = plan["slot"]  # [K]
   windows = jax.vmap(lambda p: _cut_window(images[p["slot"]], p, jnp.asarray(pad_value)))(plan)  # [K, c, c, 3]
-  logits = forward(params, windows, text[slot], label_mask[slot])  # [K, c, c, N]
+  maps = forward(params, windows, *(x[slot] for x in per_slot))  # [K, s, s, C]
 
   def add(i, sums):
     p = jax.tree.map(lambda a: a[i], plan)
-    share = resample(logits[i], p["row_put_idx"], p["row_put_w"], p["col_put_idx"], p["col_put_w"])  # [H, W, N]
+    share = resample(maps[i], p["row_put_idx"], p["row_put_w"], p["col_put_idx"], p["col_put_w"])  # [H, W, C]
     return sums.at[p["slot"]].add(share)
 
   return jax.lax.fori_loop(0, len(slot), add, sums)
@@ -273,10 +299,12 @@ def _positions(sums: jax.Array, label_mask: jax.Array) -> jax.Array:
 def replicate(tree, mesh: Mesh):
   """Every leaf replicated over `mesh`, built from host copies: works when the
   mesh spans processes (a device_put of arrays already on a device would be a
-  cross-host transfer)."""
+  cross-host transfer). A leaf already replicated there is kept, not copied."""
   replicated = NamedSharding(mesh, P())
 
   def one(x):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(replicated, x.ndim):
+      return x
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
 
@@ -303,8 +331,9 @@ class MultiScaleSegmenter:
   the parameters replicated: XLA partitions nothing of the model here, so
   there is no layout to declare (`sharding.activation_layout` is for the
   jitted steps that split one batch over the mesh).
-  `forward(params, windows, text, label_mask)` is the network (`model_forward`
-  or an exported artifact's); `pad_value` the normalised black.
+  `forward(params, windows, *per_slot)` is the network (`model_forward`, an
+  exported artifact's, or a dense-feature recipe's window map); `pad_value`
+  the normalised black.
   """
 
   def __init__(self, forward: DeviceForward, params, mesh: Mesh, ms: MultiScale, pad_value: np.ndarray, *,
@@ -318,7 +347,7 @@ class MultiScaleSegmenter:
     self.params = replicate(params, mesh)
     shard = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
     step = functools.partial(_window_step, forward, np.asarray(pad_value, np.float32))
-    self.step = jax.jit(shard(step, in_specs=(P(), *(split,) * 5), out_specs=split), donate_argnums=1)
+    self.step = jax.jit(shard(step, in_specs=(P(), *(split,) * 4), out_specs=split), donate_argnums=1)
     self.positions = jax.jit(shard(_positions, in_specs=(split, split), out_specs=split))
     self._zeros = jax.jit(jnp.zeros, static_argnums=0, out_shardings=self._data)
 
@@ -335,10 +364,18 @@ class MultiScaleSegmenter:
     """Summed multi-scale logits of one group, on the devices: ([G, H, W, N]
     split over the mesh's devices, padded (H, W)). images: `slots` normalised [h, w, 3]
     or None; text [slots, N, D]; label_mask [slots, N]."""
+    sizes = [None if x is None else x.shape[:2] for x in images]
+    return self.window_sums(images, (text, label_mask), text.shape[1], sizes)
+
+  def window_sums(self, images: Sequence[np.ndarray | None], per_slot: tuple[np.ndarray, ...], channels: int,
+                  targets: Sequence[tuple[int, int] | None]) -> tuple[jax.Array, tuple[int, int]]:
+    """`logit_sums` of any forward: its maps' sums [G, H, W, channels], H x W
+    the bucket of the largest of `targets` (each image's `target_size`);
+    per_slot: the forward's per-image inputs, each [slots, ...]."""
     if len(images) != self.slots:
       raise ValueError(f"a group holds {self.slots} images (None for an empty slot), got {len(images)}")
-    out_hw = self.out_size([None if x is None else x.shape[:2] for x in images])
-    batch = np.zeros((self.slots, *out_hw, 3), np.float32)
+    out_hw = self.out_size(targets)
+    batch = np.zeros((self.slots, *self.out_size([None if x is None else x.shape[:2] for x in images]), 3), np.float32)
     per_device = [[] for _ in self.local_devices]
     for i, image in enumerate(images):
       if image is not None:
@@ -352,13 +389,12 @@ class MultiScaleSegmenter:
     k = min(self.windows_per_device, 1 << max(most - 1, 0).bit_length())
     steps = -(-most // k)
     empty = _empty_plan(self.ms.crop_size, out_hw)
-    n = text.shape[1]
-    sums = self._zeros((self.slots * jax.process_count(), *out_hw, n))
-    images_g, text_g, mask_g = self._global(batch), self._global(text), self._global(label_mask)
+    sums = self._zeros((self.slots * jax.process_count(), *out_hw, channels))
+    images_g, per_slot_g = self._global(batch), tuple(self._global(x) for x in per_slot)
     for t in range(steps):
       chunk = [plans[t * k:(t + 1) * k] + [empty] * (k - len(plans[t * k:(t + 1) * k])) for plans in per_device]
       plan = {key: self._global(np.stack([p[key] for c in chunk for p in c])) for key in empty}
-      sums = self.step(self.params, sums, images_g, text_g, mask_g, plan)
+      sums = self.step(self.params, sums, images_g, per_slot_g, plan)
     return sums, out_hw
 
 

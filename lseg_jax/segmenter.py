@@ -33,9 +33,10 @@ from lseg_jax.models import LSeg, build_model, presets
 from lseg_jax.models.layers import upsample2x
 
 WINDOWS_PER_DEVICE = 4  # windows each device runs per step
-# Bytes of window feature maps one device step may return: a 480 px dff or
-# vlmaps map is 472 MB and openscene's 640 px one 210 MB, so those run one
-# window per step (measured on the CPU: two in one step were 0.69x as fast
+# Bytes of window feature maps one device step may hold before folding them
+# into the image's map: a 480 px dff or vlmaps map is 472 MB and openscene's
+# 640 px one 210 MB, so those run one window per step (measured on the CPU
+# when the maps still went to the host: two in one step were 0.69x as fast
 # as two steps of one for vlmaps with ViT-B/32, 0.83x for openscene with
 # ViT-L/16).
 WINDOW_MAPS_PER_STEP = 256e6
@@ -121,6 +122,7 @@ class Segmenter:
 
   def __post_init__(self):
     self.forward = self.forward or inference.model_forward(self.model)
+    self.params = inference.replicate(self.params, self.mesh)  # one copy, shared by every compiled path
 
   @classmethod
   def load(cls, source: str | Path, mesh: jax.sharding.Mesh | None = None) -> "Segmenter":
@@ -190,8 +192,9 @@ class Segmenter:
     share cropped), or with `full_size` [h, w, D]: the map resized x2 as the
     head resizes its logits (bilinear, align_corners=True), cropped to the
     image and renormalised to unit length. Images of one padded size run
-    together, split over the devices; the other presets run each image's
-    windows in fixed batches over the devices."""
+    together, split over the devices; the other presets run their windows in
+    fixed batches on the devices, each device folding its image's windows
+    into that image's map (`features.merge_rule`)."""
     if isinstance(preset, str):
       if preset not in features_lib.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(features_lib.PRESETS)}")
@@ -199,7 +202,7 @@ class Segmenter:
     if preset.name != "native":
       if full_size:
         raise ValueError(f"full_size is the native preset's option: {preset.name} has its own output size")
-      return [self._embed_preset(im, preset) for im in images]
+      return self._embed_preset(images, preset)
     mean, std = transforms.normalization_stats(self.normalization)
     multiple = LSeg.size_multiple
     by_size: dict[tuple[int, int], list[int]] = {}
@@ -247,16 +250,34 @@ class Segmenter:
     logits = np.asarray(self._compiled[key](self.params, padded, np.asarray(text, np.float32))[0, :h, :w])
     return np.argmax(logits, -1).astype(np.int32), logits
 
-  def _embed_preset(self, image: np.ndarray, preset: features_lib.Preset) -> np.ndarray:
+  def _embed_preset(self, images: Sequence[np.ndarray], preset: features_lib.Preset) -> list[np.ndarray]:
+    """`embed` by a windowed recipe: each image's windows run, and are folded
+    into its map, on the devices (`features.merge_rule`), `slots` images at a
+    time; only the finished map of each reaches the host."""
     mean, std = transforms.normalization_stats(self.normalization)
-    crop = features_lib.openscene_crop(*image.shape[:2]) if preset.name == "openscene" else preset.crop_size
-    if self.window is not None and crop != self.window:
-      raise ValueError(f"this artifact runs {self.window} px windows; preset {preset.name} needs {crop} px ones for a "
-                       f"{image.shape[1]}x{image.shape[0]} image: export with --window {crop}")
-    batch = self.windows_per_step(preset.feature, crop) * len(self.mesh.devices.flat)  # windows and mirrors
-    return features_lib.preset_features(self.window_features(preset.feature, crop),
-                                        transforms.normalize(image, mean, std), preset, -mean / std, crop,
-                                        chunk=max(1, batch // 2 if preset.flip != "none" else batch))
+    inputs = [features_lib.pre_resize(transforms.normalize(im, mean, std), preset) for im in images]
+    groups: dict[inference.MultiScale, list[int]] = {}
+    for i, x in enumerate(inputs):
+      groups.setdefault(features_lib.merge_rule(*x.shape[:2], preset), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(images)
+    key = ("finish", preset)
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(functools.partial(features_lib.finish, preset=preset))
+    for ms, members in groups.items():
+      if self.window is not None and ms.crop_size != self.window:
+        h, w = images[members[0]].shape[:2]
+        raise ValueError(f"this artifact runs {self.window} px windows; preset {preset.name} needs {ms.crop_size} px "
+                         f"ones for a {w}x{h} image: export with --window {ms.crop_size}")
+      windows = self._feature_windows(preset.feature, ms)
+      for start in range(0, len(members), windows.slots):
+        group = members[start:start + windows.slots]
+        targets = [inference.target_size(*inputs[i].shape[:2], ms) for i in group]
+        empty = [None] * (windows.slots - len(group))
+        sums, _ = windows.window_sums([inputs[i] for i in group] + empty, (), self.model_config.text.embed_dim,
+                                      targets + empty)  # [slots, H, W, D]
+        for j, (i, (th, tw)) in enumerate(zip(group, targets)):
+          out[i] = np.asarray(self._compiled[key](sums[j, :th, :tw]))
+    return out
 
   def windows_per_step(self, feature: str, crop: int) -> int:
     """Windows per device step: WINDOWS_PER_DEVICE, or as many of their
@@ -265,29 +286,17 @@ class Segmenter:
     out = jax.eval_shape(features_lib.WINDOW_FEATURES[feature], head1)
     return int(max(1, min(WINDOWS_PER_DEVICE, WINDOW_MAPS_PER_STEP // (out.size * out.dtype.itemsize))))
 
-  def window_features(self, feature: str, crop: int) -> features_lib.WindowFeatures:
-    """windows [K, crop, crop, 3] -> WINDOW_FEATURES[feature] of each, run in
-    batches of `windows_per_step` per device, the last one cut to a multiple
-    of the device count (at most that many compiles)."""
-    key = ("windows", feature, crop)
+  def _feature_windows(self, feature: str, ms: inference.MultiScale) -> inference.MultiScaleSegmenter:
+    """The multi-scale segmenter of WINDOW_FEATURES[feature] maps merged by `ms`."""
+    key = ("windows", feature, ms)
     if key not in self._compiled:
-      split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.mesh.axis_names))
+      mean, std = transforms.normalization_stats(self.normalization)
       fn = features_lib.WINDOW_FEATURES[feature]
-      self._compiled[key] = jax.jit(lambda params, x: fn(self.model.apply(params, x, method=LSeg.pixel_features)),
-                                    in_shardings=(sharding.replicated(self.mesh), split), out_shardings=split)
-    devices = len(self.mesh.devices.flat)
-    step, batch = self._compiled[key], self.windows_per_step(feature, crop) * devices
-
-    def run(windows: np.ndarray) -> np.ndarray:
-      out = []
-      for start in range(0, len(windows), batch):
-        chunk = windows[start:start + batch]
-        size = min(batch, -(-len(chunk) // devices) * devices)  # no device-step of padding windows only
-        padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
-        out.append(np.asarray(step(self.params, padded))[:len(chunk)])
-      return np.concatenate(out)
-
-    return run
+      forward = lambda params, windows: fn(self.model.apply(params, windows, method=LSeg.pixel_features))
+      self._compiled[key] = inference.MultiScaleSegmenter(
+          forward, self.params, self.mesh, ms, -mean / std,
+          windows_per_device=self.windows_per_step(feature, ms.crop_size))
+    return self._compiled[key]
 
   def _embed_fn(self, full_size: bool):
     """jit of (params, images [B, H, W, 3]) -> embeddings, the batch split over the mesh."""

@@ -20,7 +20,7 @@ import pytest
 from helpers import ROOT, cpu_env, random_variables
 from lseg_jax import checkpoint, embed as embed_cli, export, features, segmenter
 from lseg_jax.data import transforms
-from lseg_jax.models import build_model, get_model_config
+from lseg_jax.models import LSeg, build_model, get_model_config
 from lseg_jax.models.layers import resize_bilinear_np
 from lseg_jax.segmenter import Segmenter
 
@@ -418,21 +418,20 @@ def test_the_presets_are_the_published_constants():
   assert p["openscene"].flip == "sum" and not p["openscene"].renormalize
 
 
-@pytest.mark.parametrize("name", ["vlmaps", "dff"])
-def test_streaming_windows_in_chunks_changes_nothing(name):
-  """preset_features adds each chunk's window maps into the scale's sum as
-  they come: one window at a time gives what all at once gives."""
-  preset = dataclasses.replace(features.PRESETS[name], **SMALL[name])
-  rng = np.random.default_rng(0)
-  kernel = rng.normal(size=(3, 8)).astype(np.float32)
-
-  def forward(windows):  # [K, c, c, 3] -> [K, c, c, 8]: position-dependent, so a misplaced window shows
-    k, c = windows.shape[:2]
-    ramp = np.linspace(0, 1, c, dtype=np.float32)[None, :, None, None]
-    return np.tanh(windows @ kernel + ramp * np.arange(8, dtype=np.float32))
-
-  image = rng.normal(size=(50, 75, 3)).astype(np.float32)
-  pad = np.zeros(3, np.float32)
-  whole = features.preset_features(forward, image, preset, pad, chunk=64)
-  streamed = features.preset_features(forward, image, preset, pad, chunk=1)
-  np.testing.assert_allclose(streamed, whole, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("name, hw", [("openscene", (40, 50)), ("vlmaps", (50, 75)), ("dff", (60, 160))])
+def test_the_device_merge_is_the_host_loops(model_dir, name, hw):
+  """embed folds each window's map into the image's on the devices (plans of
+  taps / window counts); the host transcription (`preset_features`, what
+  benchmarks/embed.py times it against) merges them in numpy one window
+  at a time: the same features to float32 rounding."""
+  preset = dataclasses.replace(features.PRESETS[name], **SMALL.get(name, {}))
+  seg = Segmenter.load(model_dir[0])
+  image = random_image(*hw, 3)
+  mean, std = transforms.normalization_stats(seg.normalization)
+  window = jax.jit(lambda x: features.WINDOW_FEATURES[preset.feature](
+      seg.model.apply(seg.params, x, method=LSeg.pixel_features)))
+  host = features.preset_features(lambda x: np.asarray(window(x)), transforms.normalize(image, mean, std), preset,
+                                  -mean / std)
+  (device,) = seg.embed([image], preset=preset)
+  tol = 2 ** -10 if preset.feature == "vlmaps" else 1e-5
+  np.testing.assert_allclose(device, host, rtol=tol, atol=tol * np.abs(host).max())
