@@ -152,7 +152,9 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(s
   while not (workdir / "checkpoints" / "200").is_dir():
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
     time.sleep(0.05)
-  with open(small_disk / "filler", "wb") as f:  # the disk fills up under the run
+  # The disk fills up under the run. Unbuffered: a buffered file would keep the
+  # tail of its last short write and raise ENOSPC again when closed.
+  with open(small_disk / "filler", "wb", buffering=0) as f:
     try:
       while True:
         f.write(b"\0" * (1 << 16))
