@@ -52,7 +52,7 @@ def host_loop(seg: Segmenter, preset: features_lib.Preset):
   mean, std = transforms.normalization_stats(seg.normalization)
   fn = features_lib.WINDOW_FEATURES[preset.feature]
   one = jax.jit(lambda params, x: fn(seg.model.apply(params, x, method=LSeg.pixel_features)))
-  forward = lambda windows: np.concatenate([np.asarray(one(seg.params, x[None])) for x in windows])
+  forward = lambda window: np.asarray(one(seg.params, window))  # [1, c, c, 3]: preset_features runs one at a time
 
   return lambda frame: features_lib.preset_features(forward, transforms.normalize(frame, mean, std), preset,
                                                     -mean / std)

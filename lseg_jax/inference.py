@@ -354,9 +354,11 @@ class MultiScaleSegmenter:
   def _global(self, local: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(self._data, np.asarray(local))
 
-  def out_size(self, sizes: Sequence[tuple[int, int] | None]) -> tuple[int, int]:
-    """The padded [H, W] of a group: its largest sides over all processes, bucketed."""
-    local = [max([s[i] for s in sizes if s] or [1]) for i in (0, 1)]
+  def out_size(self, *sizes: Sequence[tuple[int, int] | None]) -> tuple[int, ...]:
+    """The padded [H, W] of a group: its largest sides over all processes,
+    bucketed; of several size lists, each one's [H, W] after the other (one
+    exchange between processes)."""
+    local = [max([s[i] for s in group if s] or [1]) for group in sizes for i in (0, 1)]
     return tuple(size_bucket(int(n)) for n in _process_max(local))
 
   def logit_sums(self, images: Sequence[np.ndarray | None], text: np.ndarray, label_mask: np.ndarray
@@ -374,8 +376,9 @@ class MultiScaleSegmenter:
     per_slot: the forward's per-image inputs, each [slots, ...]."""
     if len(images) != self.slots:
       raise ValueError(f"a group holds {self.slots} images (None for an empty slot), got {len(images)}")
-    out_hw = self.out_size(targets)
-    batch = np.zeros((self.slots, *self.out_size([None if x is None else x.shape[:2] for x in images]), 3), np.float32)
+    in_h, in_w, *out_hw = self.out_size([None if x is None else x.shape[:2] for x in images], targets)
+    out_hw = tuple(out_hw)
+    batch = np.zeros((self.slots, in_h, in_w, 3), np.float32)
     per_device = [[] for _ in self.local_devices]
     for i, image in enumerate(images):
       if image is not None:
