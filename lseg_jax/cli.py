@@ -1,6 +1,7 @@
 """What every command line (train.py, eval.py, predict, embed, query)
 does before its work."""
 
+import argparse
 import logging
 import os
 
@@ -20,3 +21,16 @@ def quiet_libraries() -> None:
   logging.getLogger("absl").addFilter(_not_from_orbax)  # once, however often called
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """The command lines' parser: a usage mistake (an unknown flag or choice, a
+  missing argument) raises ValueError, which `main` reports as every other
+  mistake, in one `error:` line with exit 2 (not argparse's usage block and
+  SystemExit); --help shows the module's docstring as written."""
+
+  def __init__(self, prog: str, description: str | None):
+    super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  def error(self, message: str):
+    raise ValueError(f"{message} (see {self.prog} --help)")

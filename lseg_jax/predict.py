@@ -69,8 +69,7 @@ def check_image(path: Path, num_labels: int, geometry: geometry_lib.Geometry, ms
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m lseg_jax.predict", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser("python -m lseg_jax.predict", __doc__)
   p.add_argument("images", nargs="+", help="image files or folders")
   model = p.add_mutually_exclusive_group(required=True)
   model.add_argument("--checkpoint", help="model directory or training workdir")
@@ -93,9 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   cli.quiet_libraries()
-  args = parse_args(argv)
-  out, source = Path(args.out), args.checkpoint or args.exported
   try:
+    args = parse_args(argv)
+    out, source = Path(args.out), args.checkpoint or args.exported
     names = labels_lib.parse_labels(args.labels)
     scales = parse_scales(args.scales)
     recorded, window = Segmenter.peek(source)

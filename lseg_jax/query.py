@@ -30,8 +30,7 @@ from lseg_jax.segmenter import Segmenter
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m lseg_jax.query", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser("python -m lseg_jax.query", __doc__)
   p.add_argument("--features", required=True, help="a folder written by python -m lseg_jax.embed")
   p.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'chair,table,other'")
   p.add_argument("--template", action="append", help="prompt template with {} (repeat to ensemble)")
@@ -55,9 +54,9 @@ def read_features_manifest(folder: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   cli.quiet_libraries()
-  args = parse_args(argv)
-  features, out = Path(args.features), Path(args.out)
   try:
+    args = parse_args(argv)
+    features, out = Path(args.features), Path(args.out)
     names = labels_lib.parse_labels(args.labels)
     manifest = read_features_manifest(features)
     source = args.checkpoint or args.exported or manifest["model"]

@@ -286,8 +286,7 @@ def make_handler(demo: Demo, max_upload: int, static: dict[str, bytes]):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m lseg_jax.serve", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser("python -m lseg_jax.serve", __doc__)
   model = p.add_mutually_exclusive_group(required=True)
   model.add_argument("--checkpoint", help="model directory or training workdir")
   model.add_argument("--exported", help="an artifact of python -m lseg_jax.export")
@@ -303,9 +302,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   cli.quiet_libraries()
-  args = parse_args(argv)
-  source = args.checkpoint or args.exported
   try:
+    args = parse_args(argv)
+    source = args.checkpoint or args.exported
     if args.max_side < 32 or args.queue < 0 or not args.max_upload_mb > 0 or not args.max_logits_gb > 0:
       raise ValueError("--max_side must be at least 32, --queue at least 0, --max_upload_mb and --max_logits_gb "
                        "positive")

@@ -1,6 +1,7 @@
 """`python -m lseg_jax.predict`: image modes, output names, labels, legend,
 memory cap, input geometry and usage errors; end to end on a trained tiny run."""
 
+import importlib
 import io
 import json
 import math
@@ -450,3 +451,16 @@ def test_model_errors_are_one_line(trained, tmp_path, capsys, case):
   rc = predict.main([*flags, "--labels", "a,b", "--out", str(tmp_path / "o"), str(tmp_path / "ok.png")])
   errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
   assert rc == 2 and len(errors) == 1 and expected in errors[0], errors
+
+
+@pytest.mark.parametrize("module", ["predict", "embed", "query", "serve", "export", "convert.__main__"])
+@pytest.mark.parametrize("argv", [["--checkpoint", "m", "--out", "o", "--labels", "a", "--features", "f", "--no_such",
+                                   "x", "y"], []], ids=["unknown_flag", "nothing"])
+def test_every_command_line_answers_a_usage_mistake_in_one_line(module, argv, capsys):
+  """Not argparse's usage block and SystemExit: one line naming the mistake, exit 2."""
+  main = importlib.import_module(f"lseg_jax.{module}").main
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  prog = f"python -m lseg_jax.{module.split('.')[0]}"
+  assert err.startswith("error: ") and err.count("\n") == 1 and err.endswith(f"(see {prog} --help)\n"), err
+  assert "--no_such" in err or not argv or module == "convert.__main__", err

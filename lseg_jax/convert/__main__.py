@@ -24,20 +24,12 @@ import sys
 
 import jax
 
-from lseg_jax import checkpoint, convert
+from lseg_jax import checkpoint, cli, convert
 from lseg_jax.models import ACTIVATIONS, ARCH_OPTIONS, BACKBONES
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse with a usage mistake as a ValueError: one `error:` line, not usage + message."""
-
-  def error(self, message: str):
-    raise ValueError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="python -m lseg_jax.convert", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser("python -m lseg_jax.convert", __doc__)
   parser.add_argument("src", help="official checkpoint (.ckpt, .pth, .pt, .safetensors, .npz)")
   parser.add_argument("dst", help="model directory to create")
   parser.add_argument("--backbone", choices=BACKBONES, help="default: inferred from the weights")
@@ -52,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   """The command line: 0, or 2 with one `error:` line on stderr for a bad input."""
+  cli.quiet_libraries()
   try:
     args = build_parser().parse_args(argv)
     checkpoint.check_destination(Path(args.dst).absolute(), args.overwrite)  # before reading anything
