@@ -50,8 +50,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lseg_jax import checkpoint, cli, config_lib, data, distributed, evaluate, inference
-from lseg_jax import losses, metrics, sharding, workdir as workdir_lib
+from lseg_jax import checkpoint, cli, config_lib, data, distributed, evaluate, files, inference
+from lseg_jax import losses, metrics, sharding
 from lseg_jax.data import fewshot
 from lseg_jax.segmenter import Segmenter
 
@@ -311,7 +311,7 @@ def write_scores(out: Path, scores: dict) -> None:
   """JSON written atomically onto `out`: never a half-written file."""
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
-    workdir_lib.write_text_atomic(out, json_scores(scores))
+    files.write_text_atomic(out, json_scores(scores))
   except OSError as e:
     raise OSError(f"cannot write scores to {out}: {e.strerror or e}") from e
 

@@ -32,7 +32,6 @@ from collections.abc import Iterator
 import dataclasses
 import importlib.util
 import json
-import os
 from pathlib import Path
 import sys
 import time
@@ -40,7 +39,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from lseg_jax import cli, features, images as images_lib, pictures
+from lseg_jax import cli, features, files, images as images_lib, pictures
 from lseg_jax.segmenter import Segmenter
 
 MANIFEST = "manifest.json"
@@ -48,8 +47,7 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m lseg_jax.embed", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser("python -m lseg_jax.embed", __doc__)
   p.add_argument("inputs", nargs="+", help="image files, folders of images, videos")
   model = p.add_mutually_exclusive_group(required=True)
   model.add_argument("--checkpoint", help="model directory or training workdir")
@@ -102,19 +100,6 @@ def expand(inputs: list[str]) -> list[Path]:
   return paths
 
 
-def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-  """np.save to a sibling temporary name, then rename: never a partial file under `path`."""
-  tmp = path.with_name(f".{path.name}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      np.save(f, array)
-      f.flush()
-      os.fsync(f.fileno())
-    tmp.replace(path)
-  finally:
-    tmp.unlink(missing_ok=True)
-
-
 def complete(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
   """Whether `path` is a finished .npy of this shape and dtype (header and size checked)."""
   try:
@@ -147,25 +132,23 @@ def read_manifest(out: Path, settings: dict) -> dict:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-  tmp = out / f".{MANIFEST}.tmp"
-  tmp.write_text(json.dumps(manifest, indent=1))
-  tmp.replace(out / MANIFEST)
+  files.write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
   cli.quiet_libraries()
-  args = parse_args(argv)
-  out, source = Path(args.out), args.checkpoint or args.exported
-  settings = {"model": str(Path(source).absolute()), "preset": args.preset, "dtype": args.dtype,
-              "options": {"full_size": args.full_size, **dataclasses.asdict(features.PRESETS[args.preset])},
-              "layout": "[H', W', D] per frame, C order"}
-  settings = json.loads(json.dumps(settings))  # as the manifest stores it (tuples as lists)
   try:
+    args = parse_args(argv)
+    out, source = Path(args.out), args.checkpoint or args.exported
+    settings = {"model": str(Path(source).absolute()), "preset": args.preset, "dtype": args.dtype,
+                "options": {"full_size": args.full_size, **dataclasses.asdict(features.PRESETS[args.preset])},
+                "layout": "[H', W', D] per frame, C order"}
+    settings = json.loads(json.dumps(settings))  # as the manifest stores it (tuples as lists)
     if args.full_size and args.preset != "native":
       raise ValueError(f"--full_size is the native preset's option: {args.preset} has its own output size")
     paths = expand(args.inputs)
     Segmenter.peek(source)  # a model at all
-    out.mkdir(parents=True, exist_ok=True)
+    images_lib.prepare_out_dir(out)
     manifest = read_manifest(out, settings)
     seg = Segmenter.load(source)
   except (ValueError, OSError) as e:
@@ -207,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
       pending.clear()
       return
     for (name, src, frame), f in zip(pending, maps):
-      write_npy_atomic(out / f"{name}.npy", f.astype(args.dtype))
+      files.write_atomic(out / f"{name}.npy", lambda file: np.save(file, f.astype(args.dtype)))
       if args.vis == "pca":
         manifest.setdefault("pca", pictures.fit_pca(f))
-        Image.fromarray(pictures.pca_picture(f, manifest["pca"])).save(out / f"{name}_pca.png")
+        picture = Image.fromarray(pictures.pca_picture(f, manifest["pca"]))
+        files.write_atomic(out / f"{name}_pca.png", lambda file: picture.save(file, format="PNG"))
       manifest["frames"][name] = {"source": src, "image_size": list(frame.shape[:2]), "shape": list(f.shape)}
       written += 1
     done += len(pending)

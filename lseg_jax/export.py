@@ -10,7 +10,9 @@ The file is a zip of
   segment.bin      (images [b, S, S, 3] float32, normalised; text [b, N, D] float32;
                     label_mask [b, N] bool) -> logits [b, S, S, N] float32
   pixel_features.bin  images [b, S, S, 3] -> head1's output [b, S/2, S/2, D] float32
-                    (`LSeg.pixel_features`; L2-normalised: the dense features)
+                    (`LSeg.pixel_features`, before the L2 normalisation that
+                    gives the dense features; the recipes that resize first
+                    start from it)
   encode_text.bin  (token_ids [N, 77] int32, CLIP BPE) -> text embeddings [N, D] float32
   meta.json        window S, size_multiple, normalisation mean/std, the run's input
                    settings (`input`: eval_mode, base_size, crop_size, normalization,
@@ -32,6 +34,9 @@ Serving with JAX alone (no lseg_jax):
   text = encode_text.call(ids)                                           # [N, D]
   x = (image / 255.0 - np.array(meta["mean"])) / np.array(meta["std"])   # [S, S, 3]
   logits = segment.call(x[None].astype(np.float32), text[None], np.ones((1, len(ids)), bool))
+  head1 = jax.export.deserialize(z.read("pixel_features.bin")).call(x[None].astype(np.float32))
+  features = head1 / np.linalg.norm(head1, axis=-1, keepdims=True)  # [1, S/2, S/2, D]: Segmenter.embed's
+  # in PyTorch, without a copy: torch.from_dlpack(features)
 
 Serialisation needs the `flatbuffers` package (jax's own optional dependency).
 """
@@ -48,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lseg_jax import checkpoint, geometry
+from lseg_jax import checkpoint, cli, files, geometry
 from lseg_jax.data import transforms
 from lseg_jax.models import LSeg, build_model
 from lseg_jax.models.layers import upsample2x
@@ -79,13 +84,15 @@ def export_model(model: LSeg, variables: dict, window: int, platforms=PLATFORMS)
 
 
 def write_artifact(out: Path, exported: dict[str, jax.export.Exported], meta: dict) -> None:
-  """The zip of the module docstring, written to a sibling then renamed."""
-  tmp = out.with_name(f".{out.name}.tmp")
-  with zipfile.ZipFile(tmp, "w") as z:
-    for name, module in exported.items():
-      z.writestr(f"{name}.bin", bytes(module.serialize()))
-    z.writestr("meta.json", json.dumps(meta, indent=2))
-  tmp.replace(out)
+  """The zip of the module docstring, written whole or not at all."""
+
+  def write(f):
+    with zipfile.ZipFile(f, "w") as z:
+      for name, module in exported.items():
+        z.writestr(f"{name}.bin", bytes(module.serialize()))
+      z.writestr("meta.json", json.dumps(meta, indent=2))
+
+  files.write_atomic(out, write)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,15 +174,19 @@ def recorded_input(meta: dict) -> dict:
   return dict(meta["input"])
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m lseg_jax.export", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = cli.ArgumentParser("python -m lseg_jax.export", __doc__)
   p.add_argument("--checkpoint", required=True, help="model directory or training workdir")
   p.add_argument("--out", required=True, help="artifact file to write")
   p.add_argument("--window", type=int, help="window side S, a multiple of 32 (default: the run's crop size, else 480)")
   p.add_argument("--platforms", default=",".join(PLATFORMS), help="comma-separated: cpu,cuda,tpu")
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  cli.quiet_libraries()
   try:
+    args = parse_args(argv)
     platforms = tuple(s.strip() for s in args.platforms.split(","))
     if not platforms or set(platforms) - set(PLATFORMS):
       raise ValueError(f"--platforms {args.platforms!r}: choose from {', '.join(PLATFORMS)}")

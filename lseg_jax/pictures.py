@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lseg_jax import files
+
 # Tried in order for each legend label (Pillow searches the system font folders).
 FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf",
               "Arial Unicode.ttf", "Arial.ttf", "arial.ttf")
@@ -128,14 +130,16 @@ def write_label_maps(out: Path, name: str, image: np.ndarray | None, ids: np.nda
                   labels: Sequence[tuple[str, str | None]], colours: np.ndarray) -> None:
   """The label map, overlay (when the image is given), ids (and logits, when
   given) of one image, named NAME_*: NAME_labels.png, NAME_overlay.png,
-  NAME_ids.png, NAME_ids.npy, NAME_logits.npy."""
-  Image.fromarray(colours[ids]).save(out / f"{name}_labels.png")
+  NAME_ids.png, NAME_ids.npy, NAME_logits.npy; each written whole or not at all."""
+  png = lambda kind, im: files.write_atomic(out / f"{name}_{kind}.png", lambda f: im.save(f, format="PNG"))
+  npy = lambda kind, x: files.write_atomic(out / f"{name}_{kind}.npy", lambda f: np.save(f, x))
+  png("labels", Image.fromarray(colours[ids]))
   if image is not None:
-    overlay_with_legend(image, ids, labels, colours).save(out / f"{name}_overlay.png")
-  Image.fromarray(ids.astype(np.uint8 if len(labels) < 256 else np.uint16)).save(out / f"{name}_ids.png")
-  np.save(out / f"{name}_ids.npy", ids.astype(np.int32))
+    png("overlay", overlay_with_legend(image, ids, labels, colours))
+  png("ids", Image.fromarray(ids.astype(np.uint8 if len(labels) < 256 else np.uint16)))
+  npy("ids", ids.astype(np.int32))
   if logits is not None:
-    np.save(out / f"{name}_logits.npy", logits)
+    npy("logits", logits)
 
 
 def fit_pca(features: np.ndarray, samples: int = 20000, seed: int = 0) -> dict:

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lseg_jax import checkpoint, config_lib
+from lseg_jax import checkpoint, config_lib, files
 
 UNREADABLE_SUFFIX = ".unreadable"
 
@@ -58,20 +58,6 @@ def default_workdir(config_spec: str) -> Path:
   safe = lambda s: re.sub(r"[^A-Za-z0-9.,_-]+", "-", s)
   name = "_".join(filter(None, ["lseg_jax", safe(user), Path(path).stem, safe(arg)]))
   return Path(tempfile.gettempdir()) / name
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-  """Writes `path` through a temp file and a rename: readers see the old file
-  or the new one, never a half-written one. The file's mode is the usual
-  0666 less the umask (mkstemp's would be 0600)."""
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-  try:
-    with open(tmp, "x") as f:  # O_EXCL, mode 0666 & ~umask
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -104,8 +90,8 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict, allow_config
 def write_run_files(workdir: Path, config: ml_collections.ConfigDict) -> None:
   """config.json and model_config.json, atomically (process 0 only)."""
   if jax.process_index() == 0:
-    write_text_atomic(workdir / checkpoint.RUN_CONFIG, config.to_json_best_effort(indent=2))
-    write_text_atomic(workdir / checkpoint.MODEL_CONFIG, config.model.to_json(indent=2))
+    files.write_text_atomic(workdir / checkpoint.RUN_CONFIG, config.to_json_best_effort(indent=2))
+    files.write_text_atomic(workdir / checkpoint.MODEL_CONFIG, config.model.to_json(indent=2))
 
 
 def tree_mismatch(metadata_tree, abstract_tree) -> list[str]:

@@ -7,6 +7,7 @@ are built once for both xdist workers (helpers.built_once).
 """
 
 import os
+import subprocess
 
 # Before jax is imported (its flags read the environment then), and inherited
 # by every subprocess: helpers.FAST_XLA_FLAGS says why.
@@ -66,3 +67,15 @@ def trained(shapes_config, tmp_path_factory):
   config = tiny_config(shapes_config, total_steps=250, ckpt_every=0, log_every=250, lr=1e-2)
   config.model = get_model_config("small_resnet")  # replaced, not merged into the tiny ViT's fields
   return built_once(tmp_path_factory, "trained", lambda workdir: train.train_and_evaluate(config, workdir))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 12 MB tmpfs (the tiny run needs ~7 MB before its first checkpoint):
+  a disk that fills up under a test."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True).returncode:
+    pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN) on this machine")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], check=False)

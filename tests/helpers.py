@@ -147,6 +147,22 @@ def restorable_steps(workdir: Path) -> list[int]:
   return sorted(steps)
 
 
+def fill_disk(disk: Path, leave: int = 0) -> Path:
+  """Fills the file system of `disk` with one file, then frees `leave` bytes
+  of it: the next writes there fail with ENOSPC once those are used. The
+  file is written unbuffered: a buffered one would keep the tail of its last
+  short write and raise ENOSPC again when closed."""
+  filler = disk / "filler"
+  with open(filler, "wb", buffering=0) as f:
+    try:
+      while True:
+        f.write(b"\0" * (1 << 16))
+    except OSError:
+      pass
+    f.truncate(max(0, f.tell() - leave))
+  return filler
+
+
 def random_variables(model_config, seed: int) -> dict:
   """Finite random weights of the model's shapes (BatchNorm variances positive),
   without compiling the model's init."""

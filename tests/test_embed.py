@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from helpers import ROOT, cpu_env, random_variables
+from helpers import ROOT, cpu_env, fill_disk, random_variables
 from lseg_jax import checkpoint, embed as embed_cli, export, features, segmenter
 from lseg_jax.data import transforms
 from lseg_jax.models import LSeg, build_model, get_model_config
@@ -89,6 +90,14 @@ def test_embed_of_the_artifact_is_the_checkpoints(model_dir, tmp_path):
     np.testing.assert_allclose(g, w, atol=1e-5)
   with pytest.raises(ValueError, match="this artifact embeds 64x64 inputs; a 100x40 image pads to 128x64"):
     Segmenter.load(artifact).embed([random_image(40, 100)])
+  # the artifact's module docstring: the features with JAX alone, no lseg_jax code
+  z = zipfile.ZipFile(artifact)
+  meta = json.loads(z.read("meta.json"))
+  x = np.full((64, 64, 3), -np.array(meta["mean"]) / np.array(meta["std"]), np.float32)  # the normalised black
+  x[:50, :60] = (frames[0] / 255.0 - np.array(meta["mean"])) / np.array(meta["std"])
+  head1 = jax.export.deserialize(z.read("pixel_features.bin")).call(x[None])
+  features = np.asarray(head1 / np.linalg.norm(head1, axis=-1, keepdims=True))  # [1, 32, 32, D]
+  np.testing.assert_allclose(features[0, :25, :30], want[0], atol=1e-5)
 
 
 # ------------------------------------------------------------------ the command line
@@ -145,15 +154,62 @@ def test_the_pca_colours_are_fitted_once(model_dir, tmp_path, capsys):
   assert a.std() > 10  # not a flat picture
 
 
-def test_embed_cli_usage_errors_are_one_line(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("args, expected", [
+    (["--checkpoint", "{tmp}/nope", "{frame}"], "does not exist"),
+    (["{tmp}/missing.png"], "input {tmp}/missing.png does not exist"),
+    (["{tmp}/frames/..."], "does not exist"),
+    (["{tmp}/empty"], "no images found in {tmp}/empty"),
+    (["--out", "{frame}", "{frame}"], "is a file, not a folder"),
+    (["--preset", "nerf", "{frame}"], "argument --preset: invalid choice: 'nerf'"),
+    (["--window", "64", "{frame}"], "unrecognized arguments: --window"),
+    (["--preset", "dff", "--full_size", "{frame}"], "--full_size is the native preset's option"),
+    (["{tmp}/clip.mp4"], "video input needs PyAV: pip install 'lseg-jax[video]'"),
+], ids=["checkpoint", "missing_input", "bad_path", "empty_folder", "out_is_a_file", "preset", "option", "full_size",
+        "video_without_the_extra"])
+def test_embed_cli_usage_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch, args, expected):
   path, _ = model_dir
   frame = save_frames(tmp_path / "frames", [(40, 50)])[0]
-  for args, expected in ((["--checkpoint", str(tmp_path / "nope"), str(frame)], "does not exist"),
-                         (["--checkpoint", str(path), str(tmp_path / "missing.png")], "input"),
-                         (["--checkpoint", str(path), str(tmp_path / "frames" / "..." )], "does not exist")):
-    assert embed_cli.main([*args, "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and expected in err and "\n" not in err, err
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "clip.mp4").write_bytes(b"\0" * 64)
+  find_spec = embed_cli.importlib.util.find_spec
+  monkeypatch.setattr(embed_cli.importlib.util, "find_spec", lambda name: None if name == "av" else find_spec(name))
+  monkeypatch.setattr(Segmenter, "load", lambda *_: pytest.fail("the model was loaded before the check"))
+  args = [a.format(tmp=tmp_path, frame=frame) for a in args]
+  model = [] if "--checkpoint" in args else ["--checkpoint", str(path)]
+  out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
+  assert embed_cli.main([*model, *out, *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and expected.format(tmp=tmp_path) in err and "\n" not in err, err
+  assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_a_disk_that_fills_mid_run_leaves_only_complete_files(model_dir, tmp_path, small_disk, capsys):
+  """The disk fills after a few frames: one error line, exit 1, every .npy
+  there complete and no temporary file; once there is room, a rerun writes
+  the rest and keeps the finished ones."""
+  path, variables = model_dir
+  frames = save_frames(tmp_path / "frames", [(40, 50)] * 12)
+  out = small_disk / "out"
+  args = ["--checkpoint", str(path), "--out", str(out), "--dtype", "float32", "--full_size", "--vis", "pca",
+          str(tmp_path / "frames")]
+  frame_bytes = 40 * 50 * 32 * 4  # one frame's features
+  filler = fill_disk(small_disk, leave=4 * frame_bytes + frame_bytes // 2)
+  assert embed_cli.main(args) == 1
+  captured = capsys.readouterr()
+  errors = captured.err.strip().splitlines()
+  assert len(errors) == 1 and errors[0].startswith(f"error: cannot write to {out}: No space left on device"), errors
+  written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+  assert 0 < len(written) < 12 and not [p for p in out.iterdir() if p.name.startswith(".")], sorted(written)
+  for name in written:
+    assert np.load(out / name).shape == (40, 50, 32)
+  filler.unlink()
+  assert embed_cli.main(args) == 0
+  assert f"wrote {12 - len(written)} frames" in capsys.readouterr().out
+  assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy") if p.name in written} == written
+  for frame in frames:
+    f = np.load(out / f"{frame.name}.npy")
+    np.testing.assert_allclose(f, reference_embedding(variables, np.asarray(Image.open(frame)), True), atol=2e-5)
+    assert Image.open(out / f"{frame.name}_pca.png").size == (50, 40)
 
 
 def test_video_frames_are_embedded(model_dir, tmp_path, capsys):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lseg_jax import config_lib, distributed, profiling, workdir as workdir_lib
+from lseg_jax import config_lib, distributed, files, profiling, workdir as workdir_lib
 from helpers import ROOT, cpu_env, demo, eval_cli, losses_by_step, train
 
 
@@ -264,9 +264,9 @@ def test_a_read_only_workdir_is_refused_before_any_work(tmp_path):
 def test_run_files_honour_the_umask(tmp_path):
   previous = os.umask(0o022)
   try:
-    workdir_lib.write_text_atomic(tmp_path / "config.json", "{}")
+    files.write_text_atomic(tmp_path / "config.json", "{}")
     os.umask(0o077)
-    workdir_lib.write_text_atomic(tmp_path / "private.json", "{}")
+    files.write_text_atomic(tmp_path / "private.json", "{}")
   finally:
     os.umask(previous)
   assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644

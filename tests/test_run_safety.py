@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, cpu_env, flag_args, restorable_steps, run_script, tiny_config
+from helpers import ROOT, cpu_env, fill_disk, flag_args, restorable_steps, run_script, tiny_config
 from lseg_jax import checkpoint, config_lib, workdir as workdir_lib
 
 
@@ -130,17 +130,6 @@ def test_a_signal_saves_and_exits_with_a_status_that_is_not_success(shapes_confi
   assert saved and min(saved) >= 3 and f"received signal {int(signum)}" in out and "Traceback" not in out
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 12 MB tmpfs (the tiny run needs ~7 MB before its first checkpoint)."""
-  mount = tmp_path / "disk"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True).returncode:
-    pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN) on this machine")
-  yield mount
-  subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(shapes_config, small_disk):
   # Saves 200 steps apart, so that the disk fills between two saves: a tiny
   # step takes milliseconds, and 40 apart the next save could start while the
@@ -152,20 +141,13 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(s
   while not (workdir / "checkpoints" / "200").is_dir():
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
     time.sleep(0.05)
-  # The disk fills up under the run. Unbuffered: a buffered file would keep the
-  # tail of its last short write and raise ENOSPC again when closed.
-  with open(small_disk / "filler", "wb", buffering=0) as f:
-    try:
-      while True:
-        f.write(b"\0" * (1 << 16))
-    except OSError:
-      pass
+  filler = fill_disk(small_disk)  # the disk fills up under the run
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 1, out[-3000:]
   errors = [l for l in out.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
   assert "saving checkpoint 400 failed" in errors[0] and "last good checkpoint is step 200" in errors[0], errors[0]
-  (small_disk / "filler").unlink()
+  filler.unlink()
   assert restorable_steps(workdir) == [200]  # nothing half-written is visible as a step
 
 
