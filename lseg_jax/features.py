@@ -1,7 +1,8 @@
 """The published recipes for LSeg's dense features, as presets of
 `Segmenter.embed`, each reproducing its source line by line (commits read:
 lseg_feature_extraction 60afac4, vlmaps 58060f9, distilled-feature-fields
-798268f; lang-seg's `LSeg_MultiEvalModule` underneath all three):
+798268f, feature-3dgs 59306f8; lang-seg's `LSeg_MultiEvalModule` underneath
+all four):
 
 - native: one forward of the image padded bottom/right to the model's
   multiple of 32 with the normalised black; head1's output L2-normalised,
@@ -20,8 +21,8 @@ lseg_feature_extraction 60afac4, vlmaps 58060f9, distilled-feature-fields
   back to float32, resized x2 (align_corners=True); windows averaged where
   they overlap (not renormalised: norms up to 14.29); no flip, one scale, no
   resize back: [h, w, D] at the resized size (long side 520).
-- dff (pfnet-research/distilled-feature-fields encode_images.py, as
-  feature-3dgs also runs it): an image wider than 480 first resized to
+- dff (pfnet-research/distilled-feature-fields encode_images.py): an
+  image wider than 480 first resized to
   exactly 360 x 480 (aspect not kept, align_corners=True on the normalised
   image); scales 0.75, 1, 1.25, 1.75 of base 520, 480 px windows at stride
   320; per window head1 resized x2 then L2-normalised (eps 1e-12), the
@@ -29,10 +30,17 @@ lseg_feature_extraction 60afac4, vlmaps 58060f9, distilled-feature-fields
   scale's map resized to the (pre-resized) image size (align_corners=True),
   the scales SUMMED, resized to 360 x 480 (align_corners=False: the identity
   when the image was pre-resized) and L2-normalised: [360, 480, D].
+- feature3dgs (ShijieZhou-UCLA/feature-3dgs encoders/lseg_encoder/
+  encode_images.py, the file it saves, `*_fmap_CxHxW.pt`): dff's pre-resize,
+  windows, flips and merges, but its network returns head1 x2 NOT
+  normalised (lseg_net.py comments the normalisation out), and the file is
+  written before the final resize and normalisation: the scales' sum,
+  [h, w, D] at the (pre-resized) image's size, norms of about 4x head1's.
 
 Every resize is bilinear without antialiasing, as PyTorch's interpolate.
-Their storage (float16, channels first) is the caller's: `embed` returns
-float32 [h, w, D].
+Their storage is the caller's (openscene, dff and feature-3dgs save float16
+[D, h, w], vlmaps returns float32 [1, D, h, w]): `embed` returns float32
+[h, w, D].
 
 Two implementations: `preset_features`, the host transcription (one window
 at a time, merged in numpy as the sources merge); and `Segmenter.embed`,
@@ -80,6 +88,8 @@ PRESETS = {
     "vlmaps": Preset("vlmaps", feature="vlmaps"),
     "dff": Preset("dff", feature="dff", scales=(0.75, 1.0, 1.25, 1.75), flip="mean", pre_size=DFF_SIZE,
                   resize_back=True, out_size=DFF_SIZE, renormalize=True),
+    "feature3dgs": Preset("feature3dgs", feature="x2", scales=(0.75, 1.0, 1.25, 1.75), flip="mean",
+                          pre_size=DFF_SIZE, resize_back=True),
 }
 
 
@@ -99,6 +109,7 @@ WINDOW_FEATURES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "unit": _normalized,  # [K, c/2, c/2, D]
     "vlmaps": _vlmaps_feature,  # [K, c, c, D]
     "dff": lambda head1: _normalized(upsample2x(head1), eps=1e-12),  # [K, c, c, D]
+    "x2": upsample2x,  # [K, c, c, D], not normalised (feature3dgs)
 }
 
 # (windows [K, c, c, 3] normalised) -> the recipe's window maps, on the devices
@@ -194,4 +205,8 @@ def output_size(h: int, w: int, preset: Preset, full_size: bool = False) -> tupl
     return h, w
   if preset.out_size is not None:
     return preset.out_size
+  if preset.pre_size is not None and w > preset.pre_size[1]:
+    h, w = preset.pre_size
+  if preset.resize_back:
+    return h, w
   return inference.scaled_size(h, w, int(math.ceil(preset.base_size * preset.scales[0])))

@@ -41,6 +41,7 @@ WINDOWS_PER_DEVICE = 4  # windows each device runs per step
 # ViT-L/16).
 WINDOW_MAPS_PER_STEP = 256e6
 
+
 def logits_gb(h: int, w: int, num_labels: int, geometry: geometry_lib.Geometry, ms: inference.MultiScale) -> float:
   """Peak device memory, in GB, of one image's float32 logits: the summed
   [H, W, N] map on the bucketed size, one window's share of it being added

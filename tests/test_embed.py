@@ -396,6 +396,16 @@ def reference_dff(net: Net, image: np.ndarray, base: int = 520, crop: int = 480,
   return l2(torch_resize(fmap, size, False), 1e-12)
 
 
+def reference_feature3dgs(net: Net, image: np.ndarray, base: int = 520, crop: int = 480, size=(360, 480)
+                          ) -> np.ndarray:
+  """dff's encode_images.py as feature-3dgs changed it: lseg_net returns
+  output_conv(head1) (its normalize commented out), and the saved fmap is
+  the scales' sum, before the final interpolate and normalize."""
+  if image.shape[2] > size[1]:
+    image = torch_resize(image, size, True)
+  return multi_eval(lambda x: up2(net.head1(x)), image, base, crop, [0.75, 1.0, 1.25, 1.75], True, resize_back=True)
+
+
 def reference_openscene(net: Net, image: np.ndarray) -> np.ndarray:
   _, h, w = image.shape
   side = 2 * max(h, w)
@@ -408,7 +418,8 @@ def reference_openscene(net: Net, image: np.ndarray) -> np.ndarray:
 # scale 0.75 fits the crop, the others slide): the same code paths at a
 # sixteenth of the pixels. The real sizes run with -m slow.
 SMALL = {"vlmaps": dict(base_size=120, crop_size=96),
-         "dff": dict(base_size=120, crop_size=96, pre_size=(90, 120), out_size=(90, 120))}
+         "dff": dict(base_size=120, crop_size=96, pre_size=(90, 120), out_size=(90, 120)),
+         "feature3dgs": dict(base_size=120, crop_size=96, pre_size=(90, 120))}
 
 
 def check_preset(model_dir, preset: features.Preset, hw, out_hw, reference) -> None:
@@ -431,13 +442,17 @@ def check_preset(model_dir, preset: features.Preset, hw, out_hw, reference) -> N
     ("vlmaps", (50, 75), (80, 120)),  # windows of 96 at stride 64 over 96 x 120
     ("dff", (50, 75), (90, 120)),  # not pre-resized: the map resized to 90 x 120 at the end
     ("dff", (60, 160), (90, 120)),  # wider than 120: squashed to 90 x 120 first
+    ("feature3dgs", (50, 75), (50, 75)),  # the image's size
+    ("feature3dgs", (60, 160), (90, 120)),  # the pre-resized size
 ])
 def test_presets_reproduce_the_published_recipes(model_dir, name, hw, out_hw):
   preset = dataclasses.replace(features.PRESETS[name], **SMALL.get(name, {}))
   small = SMALL.get(name, {})
   reference = {"openscene": reference_openscene,
                "vlmaps": lambda net, x: reference_vlmaps(net, x, small["base_size"], small["crop_size"]),
-               "dff": lambda net, x: reference_dff(net, x, small["base_size"], small["crop_size"], small["pre_size"])
+               "dff": lambda net, x: reference_dff(net, x, small["base_size"], small["crop_size"], small["pre_size"]),
+               "feature3dgs": lambda net, x: reference_feature3dgs(net, x, small["base_size"], small["crop_size"],
+                                                                   small["pre_size"]),
                }[name]
   check_preset(model_dir, preset, hw, out_hw, reference)
 
@@ -472,6 +487,8 @@ def test_the_presets_are_the_published_constants():
                                                                                       (0.75, 1.0, 1.25, 1.75), "mean")
   assert p["dff"].pre_size == p["dff"].out_size == (360, 480) and p["dff"].renormalize
   assert p["openscene"].flip == "sum" and not p["openscene"].renormalize
+  assert dataclasses.replace(p["feature3dgs"], name="dff", feature="dff", out_size=(360, 480), renormalize=True) == \
+      p["dff"]  # dff but for the window feature and the saved map's stage
 
 
 @pytest.mark.parametrize("name, hw", [("openscene", (40, 50)), ("vlmaps", (50, 75)), ("dff", (60, 160))])
