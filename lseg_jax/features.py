@@ -34,8 +34,8 @@ all four):
   encode_images.py, the file it saves, `*_fmap_CxHxW.pt`): dff's pre-resize,
   windows, flips and merges, but its network returns head1 x2 NOT
   normalised (lseg_net.py comments the normalisation out), and the file is
-  written before the final resize and normalisation: the scales' sum,
-  [h, w, D] at the (pre-resized) image's size, norms of about 4x head1's.
+  written before the final resize and normalisation: the sum of the four
+  scales' raw maps, [h, w, D] at the (pre-resized) image's size.
 
 Every resize is bilinear without antialiasing, as PyTorch's interpolate.
 Their storage is the caller's (openscene, dff and feature-3dgs save float16
