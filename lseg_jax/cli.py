@@ -1,5 +1,5 @@
-"""What every command line (train.py, eval.py, predict, embed, query)
-does before its work."""
+"""What every command line (train.py, eval.py, predict, embed, query,
+serve, export, convert) does before its work."""
 
 import argparse
 import logging

@@ -53,7 +53,6 @@ features reach the host.
 
 from collections.abc import Callable
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -129,10 +128,16 @@ def openscene_crop(h: int, w: int, multiple: int = 32) -> int:
   return -(-2 * max(h, w) // multiple) * multiple
 
 
+def pre_resized_size(h: int, w: int, preset: Preset) -> tuple[int, int]:
+  """dff's first step: an image wider than pre_size becomes pre_size (h, w)."""
+  return preset.pre_size if preset.pre_size is not None and w > preset.pre_size[1] else (h, w)
+
+
 def pre_resize(image: np.ndarray, preset: Preset) -> np.ndarray:
-  """dff's first step: a normalised image [H, W, 3] wider than pre_size resized to it."""
-  if preset.pre_size is not None and image.shape[1] > preset.pre_size[1]:
-    return resize_bilinear_np(image[None], preset.pre_size, align_corners=True)[0]
+  """`pre_resized_size` of a normalised image [H, W, 3] (align_corners=True)."""
+  size = pre_resized_size(*image.shape[:2], preset)
+  if size != image.shape[:2]:
+    return resize_bilinear_np(image[None], size, align_corners=True)[0]
   return image
 
 
@@ -201,12 +206,7 @@ def output_size(h: int, w: int, preset: Preset, full_size: bool = False) -> tupl
   """(h', w') of the features `Segmenter.embed` gives an h x w image."""
   if preset.name == "native":
     return (h, w) if full_size else (-(-h // 2), -(-w // 2))
-  if preset.name == "openscene":
-    return h, w
   if preset.out_size is not None:
     return preset.out_size
-  if preset.pre_size is not None and w > preset.pre_size[1]:
-    h, w = preset.pre_size
-  if preset.resize_back:
-    return h, w
-  return inference.scaled_size(h, w, int(math.ceil(preset.base_size * preset.scales[0])))
+  h, w = pre_resized_size(h, w, preset)
+  return inference.target_size(h, w, merge_rule(h, w, preset))  # the merged map's size, as embed sums it
